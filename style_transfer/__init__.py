@@ -1,0 +1,6 @@
+"""Neural artistic style transfer (Gatys, Ecker & Bethge) on Caffe nets."""
+
+from style_transfer.errors import EngineError, ImageError, ModelError, StyleTransferError
+
+__all__ = ["EngineError", "ImageError", "ModelError", "StyleTransferError"]
+__version__ = "0.1.0"
