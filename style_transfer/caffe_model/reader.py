@@ -1,0 +1,209 @@
+"""Reading .prototxt (text) and .caffemodel (binary) files in both of Caffe's layouts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf import message, text_format
+
+from style_transfer.caffe_model import caffe_schema_pb2 as pb
+from style_transfer.caffe_model.net import Layer, Net
+from style_transfer.errors import ModelError
+
+_PARAM_FIELDS = {
+    "Convolution": "convolution_param",
+    "Pooling": "pooling_param",
+    "LRN": "lrn_param",
+    "ReLU": "relu_param",
+    "Concat": "concat_param",
+    "Dropout": "dropout_param",
+    "InnerProduct": "inner_product_param",
+    "Softmax": "softmax_param",
+    "Input": "input_param",
+}
+
+# V1 enum names -> current type strings, as Caffe's own upgrade maps them.
+_V1_TYPES = {
+    "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL", "CONCAT": "Concat",
+    "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution", "DECONVOLUTION": "Deconvolution",
+    "DATA": "Data", "DROPOUT": "Dropout", "DUMMY_DATA": "DummyData", "EUCLIDEAN_LOSS": "EuclideanLoss",
+    "ELTWISE": "Eltwise", "EXP": "Exp", "FLATTEN": "Flatten", "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output",
+    "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col", "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss",
+    "INNER_PRODUCT": "InnerProduct", "LRN": "LRN", "MEMORY_DATA": "MemoryData",
+    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss", "MVN": "MVN", "POOLING": "Pooling", "POWER": "Power",
+    "RELU": "ReLU", "SIGMOID": "Sigmoid", "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss",
+    "SILENCE": "Silence", "SOFTMAX": "Softmax", "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split",
+    "SLICE": "Slice", "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+}
+
+
+def read_prototxt_message(path: str | os.PathLike[str]) -> pb.NetParameter:
+    text = _read_bytes(path, "prototxt")
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not a text prototxt (is it a binary caffemodel?)") from None
+    param = pb.NetParameter()
+    try:
+        # Training-only fields this schema leaves out (transform_param, data_param, ...) are skipped, not errors.
+        text_format.Parse(decoded, param, allow_unknown_field=True)
+    except text_format.ParseError as exc:
+        raise ModelError(f"{path}: prototxt syntax error at line {exc.GetLine()}, column {exc.GetColumn()}: "
+                         f"{_strip_position(str(exc))}") from None
+    if not param.layer and not param.layers:
+        raise ModelError(f"{path}: the prototxt defines no layers")
+    return param
+
+
+def read_caffemodel_message(path: str | os.PathLike[str]) -> pb.NetParameter:
+    data = _read_bytes(path, "caffemodel")
+    param = pb.NetParameter()
+    try:
+        param.ParseFromString(data)
+    except (message.DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelError(f"{path}: not a valid caffemodel ({exc or 'truncated or corrupt'})") from None
+    if not param.layer and not param.layers:
+        raise ModelError(f"{path}: not a valid caffemodel (it holds no layers)")
+    return param
+
+
+def _strip_position(text: str) -> str:
+    # ParseError's text starts with "line:col : "; the position is already in our message.
+    head, sep, tail = text.partition(" : ")
+    return tail if sep and head.replace(":", "").isdigit() else text
+
+
+def _read_bytes(path: str | os.PathLike[str], what: str) -> bytes:
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{what} file not found: {p}")
+    if p.is_dir():
+        raise ModelError(f"{what} path is a folder, not a file: {p}")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+    if not data:
+        raise ModelError(f"{what} file is empty: {p}")
+    return data
+
+
+def _in_test_phase(rules_include: Iterable[Any], rules_exclude: Iterable[Any]) -> bool:
+    include = list(rules_include)
+    exclude = list(rules_exclude)
+    if include:
+        return any(not r.HasField("phase") or r.phase == pb.TEST for r in include)
+    return not any(r.HasField("phase") and r.phase == pb.TEST for r in exclude)
+
+
+def _layer_type(raw: Any, v1: bool) -> str:
+    if v1:
+        name = pb.V1LayerParameter.LayerType.Name(raw.type)
+        return _V1_TYPES.get(name, name)
+    return str(raw.type)
+
+
+def _layers(param: pb.NetParameter) -> list[tuple[Any, bool]]:
+    if param.layer and param.layers:
+        raise ModelError("the net mixes the current `layer` and the old `layers` layouts")
+    if param.layer:
+        return [(layer, False) for layer in param.layer]
+    return [(layer, True) for layer in param.layers]
+
+
+def net_from_message(param: pb.NetParameter, source: str = "prototxt") -> Net:
+    """The deploy net in TEST phase, its input declared by `input`+`input_dim`/`input_shape` or an Input layer."""
+    input_name: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    if len(param.input) > 1:
+        raise ModelError(f"{source}: the net has {len(param.input)} inputs; only single-input nets are supported")
+    if param.input:
+        input_name = param.input[0]
+        if param.input_shape:
+            input_shape = tuple(int(d) for d in param.input_shape[0].dim)
+        elif param.input_dim:
+            if len(param.input_dim) != 4:
+                raise ModelError(f"{source}: input_dim needs 4 values (N, C, H, W), got {len(param.input_dim)}")
+            input_shape = tuple(int(d) for d in param.input_dim)
+    layers: list[Layer] = []
+    seen: set[str] = set()
+    for raw, v1 in _layers(param):
+        if not _in_test_phase(raw.include, raw.exclude):
+            continue
+        kind = _layer_type(raw, v1)
+        name = str(raw.name) or f"{kind.lower()}{len(layers)}"
+        if name in seen:
+            raise ModelError(f"{source}: two layers are named {name!r}")
+        seen.add(name)
+        if kind == "Input":
+            if input_name is not None:
+                raise ModelError(f"{source}: the net declares more than one input")
+            if len(raw.top) != 1:
+                raise ModelError(f"{source}: Input layer {name!r} must have exactly one top")
+            input_name = str(raw.top[0])
+            shapes = raw.input_param.shape
+            input_shape = tuple(int(d) for d in shapes[0].dim) if shapes else None
+            continue
+        field = _PARAM_FIELDS.get(kind)
+        params = getattr(raw, field) if field and raw.HasField(field) else (
+            getattr(raw, field) if field else None)
+        layers.append(Layer(name=name, type=kind, bottoms=tuple(raw.bottom), tops=tuple(raw.top), params=params))
+    if input_name is None:
+        raise ModelError(f"{source}: the net declares no input (use `input:` with `input_shape`/`input_dim`, "
+                         "or an Input layer)")
+    if input_shape is not None and len(input_shape) != 4:
+        raise ModelError(f"{source}: input shape must have 4 dimensions (N, C, H, W), got {input_shape}")
+    return Net(name=str(param.name), input_name=input_name, input_shape=input_shape, layers=layers)
+
+
+def blob_array(blob: pb.BlobProto, where: str = "") -> np.ndarray:
+    """A learned blob as float32, shaped by `shape` (current layout) or num/channels/height/width (V1)."""
+    if blob.HasField("shape"):
+        shape = tuple(int(d) for d in blob.shape.dim)
+    else:
+        shape = (int(blob.num), int(blob.channels), int(blob.height), int(blob.width))
+    values = blob.data if len(blob.data) else blob.double_data
+    count = int(np.prod(shape)) if shape else 1
+    if len(values) != count:
+        raise ModelError(f"{where}: blob of shape {'x'.join(map(str, shape))} holds {len(values)} values, "
+                         f"expected {count} (truncated or corrupt caffemodel)")
+    return np.fromiter(values, dtype=np.float32, count=count).reshape(shape)
+
+
+class CaffeModelWeights:
+    """Learned blobs of a caffemodel by layer name, converted to arrays only when a layer asks for them."""
+
+    def __init__(self, param: pb.NetParameter, source: str) -> None:
+        self._source = source
+        self._raw: dict[str, list[pb.BlobProto]] = {}
+        for raw, _v1 in _layers(param):
+            if raw.blobs:
+                self._raw[str(raw.name)] = list(raw.blobs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._raw
+
+    def __getitem__(self, name: str) -> list[np.ndarray]:
+        return [blob_array(b, f"{self._source}: layer {name!r}") for b in self._raw[name]]
+
+    def keys(self) -> list[str]:
+        return list(self._raw)
+
+    def shapes(self, name: str) -> list[tuple[int, ...]]:
+        out = []
+        for b in self._raw[name]:
+            dims = b.shape.dim if b.HasField("shape") else (b.num, b.channels, b.height, b.width)
+            out.append(tuple(int(d) for d in dims))
+        return out
+
+
+def read_prototxt(path: str | os.PathLike[str]) -> Net:
+    return net_from_message(read_prototxt_message(path), str(path))
+
+
+def read_caffemodel(path: str | os.PathLike[str]) -> CaffeModelWeights:
+    return CaffeModelWeights(read_caffemodel_message(path), str(path))

@@ -1,0 +1,89 @@
+"""The four public models: where their files live and the original tool's layer presets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from style_transfer.errors import ModelError
+
+# Prototxts ship with the project; weights are downloaded beside them unless a models folder is set.
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+MODELS_DIR_ENV = "STYLE_TRANSFER_MODELS"
+
+VGG_LICENCE = ("The VGG weights are licensed CC BY 4.0 NC (Creative Commons Attribution-NonCommercial 4.0): "
+               "non-commercial use only; see https://www.robots.ox.ac.uk/~vgg/research/very_deep/")
+BVLC_LICENCE = "The BVLC reference models are released without use restriction (BVLC model licence)."
+
+_VGG_STYLE = {"conv1_1": 0.2, "conv2_1": 0.2, "conv3_1": 0.2, "conv4_1": 0.2, "conv5_1": 0.2}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    weights_file: str
+    url: str
+    content_layers: dict[str, float]
+    style_layers: dict[str, float]
+    sha1: str | None = None
+    licence: str = BVLC_LICENCE
+    prototxt_file: str = "deploy.prototxt"
+
+    @property
+    def prototxt(self) -> Path:
+        return SHIPPED_MODELS_DIR / self.name / self.prototxt_file
+
+    def weights_path(self, models_dir: str | os.PathLike[str] | None = None) -> Path:
+        return models_root(models_dir) / self.name / self.weights_file
+
+
+MODELS: dict[str, ModelInfo] = {
+    "vgg19": ModelInfo(
+        name="vgg19",
+        weights_file="VGG_ILSVRC_19_layers.caffemodel",
+        url="http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/VGG_ILSVRC_19_layers.caffemodel",
+        content_layers={"conv4_2": 1.0},
+        style_layers=dict(_VGG_STYLE),
+        licence=VGG_LICENCE,
+    ),
+    "vgg16": ModelInfo(
+        name="vgg16",
+        weights_file="VGG_ILSVRC_16_layers.caffemodel",
+        url="http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/VGG_ILSVRC_16_layers.caffemodel",
+        content_layers={"conv4_2": 1.0},
+        style_layers=dict(_VGG_STYLE),
+        licence=VGG_LICENCE,
+    ),
+    "googlenet": ModelInfo(
+        name="googlenet",
+        weights_file="bvlc_googlenet.caffemodel",
+        url="http://dl.caffe.berkeleyvision.org/bvlc_googlenet.caffemodel",
+        sha1="405fc5acd08a3bb12de8ee5e23a96bec22f08204",
+        content_layers={"conv2/3x3": 2e-4, "inception_3a/output": 1 - 2e-4},
+        style_layers={"conv1/7x7_s2": 0.2, "conv2/3x3": 0.2, "inception_3a/output": 0.2,
+                      "inception_4a/output": 0.2, "inception_5a/output": 0.2},
+    ),
+    "caffenet": ModelInfo(
+        name="caffenet",
+        weights_file="bvlc_reference_caffenet.caffemodel",
+        url="http://dl.caffe.berkeleyvision.org/bvlc_reference_caffenet.caffemodel",
+        sha1="4c8d77deb20ea792f84eb5e6d0a11ca0a8660a46",
+        content_layers={"conv4": 1.0},
+        style_layers={"conv1": 0.2, "conv2": 0.2, "conv3": 0.2, "conv4": 0.2, "conv5": 0.2},
+    ),
+}
+
+
+def models_root(models_dir: str | os.PathLike[str] | None = None) -> Path:
+    if models_dir:
+        return Path(models_dir)
+    env = os.environ.get(MODELS_DIR_ENV)
+    return Path(env) if env else SHIPPED_MODELS_DIR
+
+
+def get_model(name: str) -> ModelInfo:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
