@@ -1,0 +1,295 @@
+"""`style.py`: the original tool's flags and meanings, plus the new options beside them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from style_transfer import images
+from style_transfer.caffe_model.registry import MODELS
+from style_transfer.engines import ENGINES
+from style_transfer.errors import StyleTransferError
+
+# Every default lives here, and the help text shows it.
+DEFAULTS: dict[str, Any] = {
+    "model": "vgg16",
+    "gpu": 0,
+    "init": "content",
+    "ratio": "1e4",
+    "num_iters": 512,
+    "length": 512,
+    "style_scale": 1.2,
+    "pooling": "avg",
+    "engine": "torch",
+    "lbfgs_memory": 8,
+    "tv_weight": 0.0,
+    "max_pixels": images.DEFAULT_MAX_PIXELS,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block, so batch logs stay readable.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(flag: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} needs a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def _number(flag: str, minimum: float = 0.0, strict: bool = False):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} needs a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            relation = ">" if strict else ">="
+            raise argparse.ArgumentTypeError(f"{flag} must be a finite number {relation} {minimum:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _length(text: str) -> int:
+    # The original parsed -l as a float; accept "512.0" but work in whole pixels.
+    value = _number("-l/--length", float(images.MIN_SIDE))(text)
+    return round(value)
+
+
+def _gpu(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"-g/--gpu needs a device number (-1 for the CPU), got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = _Parser(prog="style.py", description="Neural artistic style transfer (Gatys et al.) on Caffe nets.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-s", "--style-img", "--style_img", dest="style", nargs="+", required=True, metavar="STYLE",
+                   help="style (art) image(s)")
+    p.add_argument("-c", "--content-img", "--content_img", dest="content", required=True, help="content image")
+    p.add_argument("-m", "--model", default=d["model"],
+                   help=f"model: {', '.join(MODELS)} (or any net with --prototxt)")
+    p.add_argument("-g", "--gpu", "--gpu_id", dest="gpu", type=_gpu, default=d["gpu"],
+                   help="CUDA device number, -1 for the CPU")
+    p.add_argument("-i", "--init", default=d["init"],
+                   help="initial image: content, mixed, a number N (1/f^N noise) or an image file")
+    p.add_argument("-r", "--ratio", default=d["ratio"], help="style-to-content ratio")
+    p.add_argument("-n", "--num-iters", "--num_iters", dest="num_iters", type=_positive_int("-n/--num-iters"),
+                   default=d["num_iters"], help="L-BFGS-B iterations")
+    p.add_argument("-l", "--length", type=_length, default=d["length"], help="long side of the output, pixels")
+    p.add_argument("-v", "--verbose", action="store_true", help="print per-layer losses and engine logs")
+    p.add_argument("-o", "--output", default=None,
+                   help="output image (format by extension); default "
+                        "outputs/{content}-{style}-{model}-{init}-{ratio}-{iters}.jpg")
+    p.add_argument("--style-weights", type=_number("--style-weights"), nargs="+", default=None,
+                   help="blend weights of several style images (normalised)")
+    p.add_argument("--weights", default=None, help="use this caffemodel instead of the model's default file")
+    p.add_argument("--prototxt", default=None, help="use this net definition (needs --weights and the layer flags)")
+    p.add_argument("--models-dir", default=None,
+                   help="folder holding <model>/<weights>.caffemodel (env STYLE_TRANSFER_MODELS; default models/)")
+    p.add_argument("--style-layers", default=None, help="style blobs, e.g. conv1_1:0.5,conv2_1:0.5 (default: preset)")
+    p.add_argument("--content-layers", default=None, help="content blobs, e.g. conv4_2:1 (default: preset)")
+    p.add_argument("--pooling", choices=("avg", "max"), default=d["pooling"],
+                   help="pooling used in every pooling layer (the original used avg)")
+    p.add_argument("--style-scale", type=_number("--style-scale", 0.0, strict=True), default=d["style_scale"],
+                   help="style image long side as a multiple of --length")
+    p.add_argument("--seed", type=int, default=None, help="random seed for noise initialisation")
+    p.add_argument("--engine", choices=ENGINES, default=d["engine"], help="network engine")
+    p.add_argument("--lbfgs-memory", type=_positive_int("--lbfgs-memory"), default=d["lbfgs_memory"],
+                   help="L-BFGS-B history size (scipy's maxcor)")
+    p.add_argument("--tv-weight", type=_number("--tv-weight"), default=d["tv_weight"],
+                   help="total-variation weight (on the 0-255 pixel scale)")
+    p.add_argument("--max-pixels", type=_positive_int("--max-pixels"), default=d["max_pixels"],
+                   help="largest input image accepted, in pixels (decompression-bomb guard)")
+    p.add_argument("--report", default=None, help="write a JSON report of the run here")
+    return p
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise StyleTransferError(f"-r/--ratio needs a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise StyleTransferError(f"-r/--ratio must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def default_output(args: argparse.Namespace, model: str) -> Path:
+    content = Path(args.content).stem
+    style = "+".join(Path(s).stem for s in args.style)
+    init = Path(args.init).stem if os.sep in args.init or Path(args.init).suffix else args.init
+    return Path("outputs") / f"{content}-{style}-{model}-{init}-{args.ratio}-{args.num_iters}.jpg"
+
+
+def _init_value(text: str, max_pixels: int) -> str | np.ndarray:
+    if text in ("content", "mixed"):
+        return text
+    try:
+        float(text)
+        return text
+    except ValueError:
+        pass
+    if Path(text).exists():
+        return images.load_image(text, max_pixels=max_pixels)
+    raise StyleTransferError(f"-i/--init must be content, mixed, a number or an existing image file, got {text!r}")
+
+
+def _say(message: str) -> None:
+    print(f"style.py: {message}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from style_transfer.transfer import StyleTransfer
+
+    ratio = _ratio(args.ratio)
+    if args.style_weights is not None and len(args.style_weights) != len(args.style):
+        raise StyleTransferError(f"--style-weights: {len(args.style)} style image(s) but "
+                                 f"{len(args.style_weights)} weight(s)")
+    notices: list[str] = []
+    content = images.load_image(args.content, max_pixels=args.max_pixels, notices=notices)
+    styles = [images.load_image(s, max_pixels=args.max_pixels, notices=notices) for s in args.style]
+    init = _init_value(args.init, args.max_pixels)
+    model_name = args.model if args.prototxt is None else Path(args.prototxt).stem
+    output = Path(args.output) if args.output else default_output(args, model_name)
+    images.check_output_path(output)
+    if args.report:
+        _check_report_path(Path(args.report))
+
+    started = time.perf_counter()
+    st = StyleTransfer(args.model, prototxt=args.prototxt, weights=args.weights, models_dir=args.models_dir,
+                       style_layers=args.style_layers, content_layers=args.content_layers, pooling=args.pooling,
+                       engine=args.engine, gpu=args.gpu, verbose=args.verbose)
+    run_ = st.stylize(content, styles, style_blend=args.style_weights, ratio=ratio, iterations=args.num_iters,
+                      length=args.length, style_scale=args.style_scale, init=init, seed=args.seed,
+                      lbfgs_memory=args.lbfgs_memory, tv_weight=args.tv_weight)
+    for notice in [*notices, *run_.notices]:
+        _say(notice)
+    setup_seconds = time.perf_counter() - started
+
+    last = None
+    interrupted = False
+    optimise_started = time.perf_counter()
+    bar = tqdm(total=args.num_iters, desc="stylizing", unit="it", dynamic_ncols=True, file=sys.stderr,
+               disable=None)
+    try:
+        for step in run_.steps():
+            last = step
+            bar.update(1)
+            if step.evaluation is not None:
+                bar.set_postfix(loss=f"{step.evaluation.loss:.4g}", refresh=False)
+                if args.verbose and (step.iteration == 1 or step.iteration % 10 == 0
+                                     or step.iteration == args.num_iters):
+                    layers = "  ".join(f"{k}={v:.4g}" for k, v in step.evaluation.layers.items())
+                    bar.write(f"iter {step.iteration}: loss={step.evaluation.loss:.6g}  {layers}")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - optimise_started
+
+    result = run_.result
+    if interrupted:
+        final = last.image if last is not None else None
+    else:
+        final = result.image if result.image is not None else (last.image if last is not None else None)
+    if final is None:
+        raise StyleTransferError("the optimisation stopped before its first iteration; nothing to save")
+    images.save_image(output, run_.to_rgb(final))
+    if interrupted:
+        _say(f"interrupted after {last.iteration if last else 0} iteration(s); saved the current image to {output}")
+    elif result.stopped_early:
+        _say(f"L-BFGS-B stopped after {result.iterations} of {args.num_iters} iterations: {result.message}")
+
+    if last is not None and last.evaluation is not None and np.array_equal(last.image, final):
+        final_eval = last.evaluation
+    else:
+        final_eval = run_.optimizer.evaluate(final)
+    evaluations = run_.optimizer.evaluations
+    report = {
+        "engine": args.engine,
+        "device": st.engine.device,
+        "model": model_name,
+        "width": run_.width,
+        "height": run_.height,
+        "iterations": last.iteration if last else 0,
+        "evaluations": evaluations,
+        "loss": final_eval.loss,
+        "style_loss": final_eval.style_loss,
+        "content_loss": final_eval.content_loss,
+        "tv_loss": final_eval.tv_loss,
+        "layers": final_eval.layers,
+        "seconds": seconds,
+        "setup_seconds": setup_seconds,
+        "seconds_per_evaluation": seconds / evaluations if evaluations else None,
+        "stop_reason": "interrupted" if interrupted else result.message,
+        "output": str(output),
+        "options": {k: v for k, v in vars(args).items() if k != "report"},
+    }
+    if args.report:
+        _write_json(Path(args.report), report)
+    if args.verbose:
+        _say(f"loss {final_eval.loss:.6g} (style {final_eval.style_loss:.6g}, content {final_eval.content_loss:.6g})"
+             f" in {seconds:.1f} s, {evaluations} evaluations")
+    print(output)
+    return 130 if interrupted else 0
+
+
+def _check_report_path(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StyleTransferError(f"cannot create the folder of --report {path}: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise StyleTransferError(f"--report {path} is a folder")
+    if not os.access(path.parent, os.W_OK):
+        raise StyleTransferError(f"cannot write --report {path}: folder is not writable")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StyleTransferError(f"cannot write --report {path}: {exc.strerror or exc}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except StyleTransferError as exc:
+        _say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _say("interrupted before the optimisation started; nothing saved")
+        return 130
+    except MemoryError:
+        _say("error: out of memory; try a smaller -l/--length")
+        return 1

@@ -1,0 +1,45 @@
+"""What every engine offers: features of an image, and the objective's value and input gradient."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from style_transfer.caffe_model.net import Net
+from style_transfer.losses import Objective
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    grad: np.ndarray  # float32, 3 x H x W, d loss / d image
+    style_loss: float  # ratio and layer weights included
+    content_loss: float
+    tv_loss: float
+    layers: dict[str, float]  # per-layer weighted terms, keys "style:<blob>" and "content:<blob>"
+
+
+class Engine(ABC):
+    """A net ready to run on one device. `net` has weights attached and may be truncated to the blobs in use."""
+
+    name: str = "?"
+
+    def __init__(self, net: Net, pooling: str, device: str) -> None:
+        self.net = net
+        self.pooling = pooling
+        self.device = device
+
+    @abstractmethod
+    def features(self, image: np.ndarray, blobs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Blob values (C x H x W float32) for a preprocessed 3 x H x W image."""
+
+    @abstractmethod
+    def set_objective(self, objective: Objective) -> None:
+        """Targets and weights for the following `evaluate` calls."""
+
+    @abstractmethod
+    def evaluate(self, image: np.ndarray) -> Evaluation:
+        """Objective value and its gradient with respect to the image, at the image's size."""

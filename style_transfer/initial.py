@@ -1,0 +1,39 @@
+"""Starting images for the optimisation: the content, a content/style mix, 1/f^N noise, or a file."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from style_transfer.errors import StyleTransferError
+
+
+def pink_noise(height: int, width: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """RGB noise in [0, 1] whose amplitude spectrum falls as 1/f^exponent (0: white noise, 1: pink, 2: brown).
+
+    The original drew such noise for its numeric --init; random phases under a power-law amplitude give a
+    natural-image-like start.
+    """
+    if exponent < 0:
+        raise StyleTransferError(f"--init noise exponent must be >= 0, got {exponent}")
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    freq = np.sqrt(fy * fy + fx * fx)
+    freq[0, 0] = 1.0
+    amplitude = freq ** (-exponent)
+    amplitude[0, 0] = 0.0  # no DC: the mean is set by the normalisation below
+    channels = []
+    for _ in range(3):
+        phase = rng.uniform(0.0, 2.0 * np.pi, size=amplitude.shape)
+        spectrum = amplitude * np.exp(1j * phase)
+        channels.append(np.fft.irfft2(spectrum, s=(height, width)))
+    noise = np.stack(channels, axis=-1)
+    noise -= noise.min()
+    peak = noise.max()
+    if peak > 0:
+        noise /= peak
+    return noise.astype(np.float32)
+
+
+def mixed(content: np.ndarray, style_resized: np.ndarray, style_share: float = 0.05) -> np.ndarray:
+    """The original's "mixed" init: 95% content, 5% style (resized to the content's size)."""
+    return ((1.0 - style_share) * content + style_share * style_resized).astype(np.float32)
