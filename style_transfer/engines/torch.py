@@ -88,19 +88,24 @@ class _Op:
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(self, net: Net, pooling: str, device: str | torch.device = "cpu") -> None:
+    def __init__(self, net: Net, pooling: str, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__(net, pooling, str(device))
         self.torch_device = torch.device(device)
+        # float64 exists for gradient checks against finite differences; runs use float32.
+        self.dtype = dtype
         override = None if pooling == "file" else pooling
         self._ops: list[_Op] = []
         for layer in net.layers:
-            weights = [torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(self.torch_device)
-                       for w in net.weights.get(layer.name, [])]
+            weights = [self._tensor(w) for w in net.weights.get(layer.name, [])]
             self._ops.append(_Op(layer, override, weights))
         self._objective: Objective | None = None
         self._content: dict[str, torch.Tensor] = {}
         self._style: dict[str, torch.Tensor] = {}
         self._blend = torch.ones(1)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.torch_device, dtype=self.dtype)
 
     def _forward(self, x: torch.Tensor, blobs: Sequence[str]) -> dict[str, torch.Tensor]:
         values: dict[str, torch.Tensor] = {self.net.input_name: x}
@@ -114,24 +119,20 @@ class TorchEngine(Engine):
 
     def features(self, image: np.ndarray, blobs: Sequence[str]) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(self.torch_device)[None]
-            out = self._forward(x, blobs)
-            return {b: v.detach().cpu().numpy().copy() for b, v in out.items()}
+            out = self._forward(self._tensor(image)[None], blobs)
+            return {b: v.detach().cpu().numpy() for b, v in out.items()}
 
     def set_objective(self, objective: Objective) -> None:
         self._objective = objective
-        dev = self.torch_device
-        self._content = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)).to(dev)
-                         for k, v in objective.content_targets.items()}
-        self._style = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)).to(dev)
-                       for k, v in objective.style_targets.items()}
-        self._blend = torch.from_numpy(np.asarray(objective.style_blend, dtype=np.float32)).to(dev)
+        self._content = {k: self._tensor(v) for k, v in objective.content_targets.items()}
+        self._style = {k: self._tensor(v) for k, v in objective.style_targets.items()}
+        self._blend = self._tensor(objective.style_blend)
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
         obj = self._objective
         if obj is None:
             raise RuntimeError("set_objective must be called before evaluate")
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(self.torch_device)
+        x = self._tensor(image)
         x.requires_grad_(True)
         feats = self._forward(x[None], obj.layers)
         terms: dict[str, torch.Tensor] = {}
