@@ -1,0 +1,609 @@
+"""Fetching the public models' weights, verified, with a progress bar, resume and one-line errors.
+
+Usage: ``scripts/download_models.sh vgg19|vgg16|googlenet|caffenet|all`` or
+``python -m style_transfer.download MODEL [MODEL...]|all [--models-dir DIR] [--mirror URL] [--force] [--quiet]``
+(``style.py --download MODEL`` calls the same code).
+
+Where the files go: ``<models dir>/<name>/<weights file>``, the models dir being ``--models-dir``, else the
+``STYLE_TRANSFER_MODELS`` environment variable, else the project's ``models/`` folder (beside the prototxts).
+
+Where they come from, first match wins: ``--mirror URL`` (alias ``--url``), then the environment variable
+``STYLE_TRANSFER_<NAME>_URL`` (e.g. ``STYLE_TRANSFER_VGG19_URL``), then the original hosts. A source ending in ``/``
+(or naming a local folder) is a folder holding the file under its usual name, so one mirror serves every model; a
+``file://`` URL or a plain path copies a local file, which is verified exactly like a download.
+
+How a file is verified before it is moved under its final name:
+
+- googlenet and caffenet: the sha1 the BVLC published.
+- vgg16 and vgg19 (their authors published no checksum): the file must parse as a caffemodel and hold every learned
+  layer the shipped prototxt needs, with the right shapes (fc layers included).
+
+After that its sha256, size and mtime are recorded beside it in ``<weights file>.sha256`` (the first line is in
+``sha256sum`` format, so ``sha256sum -c`` works on it too). :func:`verify_model` checks the file against that record,
+so later corruption is caught before a run; ``quick=True`` re-hashes only when the size or mtime changed.
+
+Nothing unverified ever sits under the final name: bytes go to ``<weights file>.part``, which a dropped connection or
+Ctrl-C leaves behind and the next run resumes with an HTTP Range request (or restarts from zero when the server
+ignores ranges, or when a resumed file fails verification). A file that fails verification is deleted, and the error
+says so. Two processes downloading the same model do not mix their bytes: the ``.part`` file is locked.
+
+Licence: the VGG weights are licensed CC BY-NC 4.0 (Creative Commons Attribution-NonCommercial): non-commercial use
+only. The notice is printed whenever they are downloaded, even with ``--quiet``. The BVLC models carry no restriction.
+
+Why pooch plus a downloader of our own: pooch is the ecosystem's kept library for fetching into a cache and checking
+hashes, and it already writes to a temporary file in the target folder and moves it into place only when the hash
+matches. What it lacks is resume: its HTTP downloader starts over every time, and its temporary file is deleted on
+any failure. Pooch accepts any callable as ``downloader=``, so ours keeps a persistent ``.part`` file, resumes it,
+draws the progress bar, runs the layer check (which has to see the whole file, before pooch moves it), and finally
+hands the complete file over as pooch's temporary file; pooch then checks the sha1 and moves it into place. Pooch
+is pointed at a staging name (``<weights file>.new``) rather than the final one, because on finding the final name
+present pooch would keep it instead of downloading (which ``--force`` and damaged files need), and because the
+sidecar must be written alongside the swap.
+
+Exit codes of the command: 0 all done, 1 a model failed (each failure is one ``download: error: ...`` line on
+stderr), 2 a usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import re
+import shlex
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NoReturn
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+from tqdm import tqdm
+
+from style_transfer.caffe_model import registry
+from style_transfer.caffe_model.loader import check_caffemodel
+from style_transfer.caffe_model.reader import read_caffemodel, read_prototxt
+from style_transfer.caffe_model.registry import BVLC_LICENCE, ModelInfo, get_model
+from style_transfer.errors import ModelError, StyleTransferError
+
+try:
+    import pooch
+    import requests
+except ImportError as _exc:  # the command turns this into one line that names the fix
+    _MISSING_DEPENDENCY: ImportError | None = _exc
+else:
+    _MISSING_DEPENDENCY = None
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, concurrent downloads of one model are then the user's business
+    fcntl = None  # type: ignore[assignment]
+
+# Small enough that a dropped connection loses little (urllib3 discards a partly filled chunk), big enough to be fast.
+_CHUNK = 1 << 16
+# Seconds to connect, and seconds of silence mid-download, before giving up on a host.
+_CONNECT_TIMEOUT = 15.0
+_READ_TIMEOUT = 60.0
+# How many times one run resumes by itself after a connection that dropped having delivered some bytes.
+_RESUME_ATTEMPTS = 3
+
+Say = Callable[[str], None]
+
+
+def url_env_var(name: str) -> str:
+    """The environment variable that points model `name` at a mirror or a local file."""
+    return f"STYLE_TRANSFER_{re.sub(r'[^A-Z0-9]', '_', name.upper())}_URL"
+
+
+def resolve_source(info: ModelInfo, url: str | None = None) -> str:
+    """The URL or local path the weights of `info` come from: `url`, else its environment variable, else the
+    registry; a folder (a URL ending in "/", or a local folder) gets the weights file's name appended."""
+    source = url or os.environ.get(url_env_var(info.name)) or info.url
+    local = _local_path(source)
+    if source.endswith("/") or (local is not None and local.is_dir()):
+        source = source.rstrip("/") + "/" + info.weights_file
+    return source
+
+
+def sidecar_path(weights: Path) -> Path:
+    return weights.with_name(weights.name + ".sha256")
+
+
+def part_path(weights: Path) -> Path:
+    return weights.with_name(weights.name + ".part")
+
+
+def fetch_command(name: str, models_dir: str | os.PathLike[str] | None = None) -> str:
+    """The commands that fetch model `name`, as the user would type them."""
+    extra = f" --models-dir {shlex.quote(str(models_dir))}" if models_dir else ""
+    return f"scripts/download_models.sh {name}{extra} (or: python style.py --download {name}{extra})"
+
+
+def mirror_hint(info: ModelInfo) -> str:
+    return (f"To fetch it from elsewhere, pass --mirror URL or set {url_env_var(info.name)}=URL (a copy of "
+            f"{info.weights_file}, or a folder URL ending in /); a local file works too: "
+            f"--mirror /path/to/{info.weights_file}")
+
+
+class DamagedModelError(ModelError):
+    """The weights file is present but is not the file that was verified (or does not verify at all)."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class _BadDownload(ModelError):
+    """A complete download that failed verification; it has been deleted."""
+
+
+class _Incomplete(Exception):
+    def __init__(self, got: int, total: int) -> None:
+        super().__init__(f"the connection closed after {_size_text(got)} of {_size_text(total)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verification of a file in place
+
+
+@dataclass(frozen=True)
+class _Record:
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+def _read_record(weights: Path) -> _Record | None:
+    try:
+        lines = sidecar_path(weights).read_text().splitlines()
+        digest = lines[0].split()[0].lower()
+        stamp = dict(item.split("=", 1) for item in lines[1].lstrip("# ").split() if "=" in item)
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            return None
+        return _Record(digest, int(stamp["size"]), int(stamp["mtime_ns"]))
+    except (OSError, IndexError, KeyError, ValueError):
+        # An unreadable record is as good as none: the file is then verified from scratch and recorded again.
+        return None
+
+
+def _write_record(weights: Path, digest: str) -> None:
+    st = weights.stat()
+    side = sidecar_path(weights)
+    tmp = side.with_name(side.name + ".tmp")
+    text = (f"{digest}  {weights.name}\n"
+            f"# size={st.st_size} mtime_ns={st.st_mtime_ns} (recorded when the file was verified; see "
+            "style_transfer/download.py)\n")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, side)
+    except OSError:
+        # A read-only models folder (a shared install) cannot hold the record; verification then just stays full.
+        tmp.unlink(missing_ok=True)
+
+
+def _file_hash(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    try:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def _check_layers(info: ModelInfo, path: Path) -> None:
+    """Raise ModelError unless `path` parses and holds every learned layer of the prototxt with the right shapes."""
+    check_caffemodel(info.prototxt, read_caffemodel(path))
+
+
+def _missing_message(info: ModelInfo, path: Path, models_dir: str | os.PathLike[str] | None) -> str:
+    partial = " (a partial download is there; the same command resumes it)" if part_path(path).exists() else ""
+    return (f"the {info.name} weights are missing: {path} does not exist{partial}. Fetch them with: "
+            f"{fetch_command(info.name, models_dir)}, or run style.py with --download-missing")
+
+
+def verify_model(name: str, models_dir: str | os.PathLike[str] | None = None, *, quick: bool = False) -> Path:
+    """Return the path of model `name`'s weights after checking them against the record written when they were
+    verified (its sha256; with `quick`, only its size and mtime unless those changed). A file without a record (put
+    there by hand) is verified as a download is, then recorded. Raises ModelError when missing, DamagedModelError
+    when damaged."""
+    info = get_model(name)
+    path = info.weights_path(models_dir)
+    if not path.is_file():
+        raise ModelError(_missing_message(info, path, models_dir))
+    record = _read_record(path)
+    st = path.stat()
+    if record is not None:
+        if quick and (record.size, record.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            return path
+        if record.size != st.st_size:
+            _raise_damaged(info, path, models_dir, f"its size is {st.st_size} bytes, {record.size} when verified")
+        digest = _file_hash(path, "sha256")
+        if digest != record.sha256:
+            _raise_damaged(info, path, models_dir, "its sha256 differs from the one recorded when it was verified")
+        if record.mtime_ns != st.st_mtime_ns:
+            _write_record(path, digest)
+        return path
+    if info.sha1 is not None:
+        sha1 = _file_hash(path, "sha1")
+        if sha1 != info.sha1:
+            _raise_damaged(info, path, models_dir, f"its sha1 is {sha1}, the published one is {info.sha1}")
+    else:
+        # A broken prototxt is our problem, not the weights': it must not get a good file deleted as damaged.
+        read_prototxt(info.prototxt)
+        try:
+            _check_layers(info, path)
+        except ModelError as exc:
+            _raise_damaged(info, path, models_dir, str(exc))
+    _write_record(path, _file_hash(path, "sha256"))
+    return path
+
+
+def _raise_damaged(info: ModelInfo, path: Path, models_dir: str | os.PathLike[str] | None, detail: str) -> NoReturn:
+    raise DamagedModelError(f"{path} is damaged or not the {info.name} weights ({detail}). Fetch it again with: "
+                            f"{fetch_command(info.name, models_dir)}", detail)
+
+
+def ensure_model(name: str, models_dir: str | os.PathLike[str] | None = None, download_missing: bool = False, *,
+                 progress: bool = True) -> Path:
+    """The verified weights of model `name` (a quick check, see :func:`verify_model`). When they are missing or
+    damaged: fetch them if `download_missing`, else raise ModelError naming the command that fetches them."""
+    info = get_model(name)
+    path = info.weights_path(models_dir)
+    if not path.exists() and not download_missing:
+        raise ModelError(_missing_message(info, path, models_dir))
+    if path.exists():
+        try:
+            return verify_model(name, models_dir, quick=True)
+        except DamagedModelError:
+            if not download_missing:
+                raise
+    return download_model(name, models_dir=models_dir, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloading
+
+
+def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = None, url: str | None = None,
+                   progress: bool = True, force: bool = False, quiet: bool = False) -> Path:
+    """Fetch model `name`'s weights into `<models dir>/<name>/`, verify them and return their path.
+
+    A file already there is kept if it verifies (unless `force`); a damaged one is deleted and fetched again. `url`
+    overrides the source (see the module docstring). `progress` draws a progress bar on a terminal; `quiet` drops
+    the informational lines (not the VGG licence notice). Raises ModelError with a one-line message."""
+    _require_dependencies()
+    info = get_model(name)
+    final = info.weights_path(models_dir)
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(f"{info.name}: {text}", flush=True)
+
+    if final.exists() and not force:
+        try:
+            verify_model(name, models_dir)
+            say(f"already there, verified: {final}")
+            return final
+        except DamagedModelError as exc:
+            say(f"deleting the damaged {final} ({exc.detail}); fetching it again")
+            sidecar_path(final).unlink(missing_ok=True)
+            final.unlink()
+    if info.sha1 is None:
+        read_prototxt(info.prototxt)  # the layer check needs it: fail before the download, not after
+    source = resolve_source(info, url)
+    part = part_path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(final.parent, os.W_OK):
+            raise PermissionError(13, "Permission denied", str(final.parent))
+    except OSError as exc:
+        raise ModelError(f"cannot write the {info.name} weights into {final.parent}: {exc.strerror or exc}; choose "
+                         f"another folder with --models-dir DIR or {registry.MODELS_DIR_ENV}=DIR") from None
+    if force:
+        part.unlink(missing_ok=True)
+    if info.licence != BVLC_LICENCE:
+        print(f"{info.name}: {info.licence}", flush=True)
+    else:
+        say(info.licence)
+    say(f"fetching {source}")
+    for attempt in (1, 2):
+        downloader = _ResumingDownloader(info, part, progress=progress, say=say)
+        try:
+            _retrieve(info, source, final, downloader)
+            break
+        except _BadDownload:
+            # A resumed file can be stitched from two different versions of the file on the server, so one bad
+            # resumed result earns one fresh try; a fresh result that fails is reported.
+            if attempt == 2 or not downloader.resumed:
+                raise
+            say("the resumed download does not verify; starting over from zero")
+    say(f"saved and verified: {final}")
+    return final
+
+
+def _retrieve(info: ModelInfo, source: str, final: Path, downloader: _ResumingDownloader) -> None:
+    staging = final.with_name(final.name + ".new")
+    # A staging file left by a crash between pooch's move and ours would be taken as already fetched.
+    staging.unlink(missing_ok=True)
+    logger = pooch.get_logger()
+    level = logger.level
+    # Pooch logs every fetch at INFO, including advice meant for pooch users; our own lines say what matters.
+    logger.setLevel(logging.WARNING)
+    try:
+        pooch.retrieve(source, known_hash=f"sha1:{info.sha1}" if info.sha1 else None, fname=staging.name,
+                       path=staging.parent, downloader=downloader, progressbar=False)
+    except ValueError as exc:
+        got = re.search(r"but got ([0-9a-fA-F]+)", str(exc))
+        raise _BadDownload(f"the file from {source} is not the {info.name} weights: its sha1 is "
+                           f"{got.group(1) if got else 'different'}, the published one is {info.sha1}; it was "
+                           f"deleted and nothing was saved as {final}. {mirror_hint(info)}") from None
+    finally:
+        logger.setLevel(level)
+    # The old record goes first: a crash before the new one is written then means "verify again", never "damaged".
+    sidecar_path(final).unlink(missing_ok=True)
+    os.replace(staging, final)
+    _write_record(final, _file_hash(final, "sha256"))
+
+
+class _ResumingDownloader:
+    """A pooch downloader that keeps its bytes in a persistent .part file, so an interrupted download resumes."""
+
+    def __init__(self, info: ModelInfo, part: Path, *, progress: bool, say: Say) -> None:
+        self.info = info
+        self.part = part
+        self.progress = progress
+        self.say = say
+        self.resumed = False
+
+    def __call__(self, url: str, output_file: str, pooch_instance: Any = None, check_only: bool = False) -> None:
+        with _locked_part(self.part, self.info) as fh:
+            local = _local_path(url)
+            try:
+                if local is not None:
+                    self._copy(local, fh)
+                else:
+                    self._fetch(url, fh)
+            except OSError as exc:
+                raise ModelError(f"cannot fetch the {self.info.name} weights: {exc.filename or self.part}: "
+                                 f"{exc.strerror or exc}") from None
+            if self.info.sha1 is None:
+                try:
+                    _check_layers(self.info, self.part)
+                except ModelError as exc:
+                    self.part.unlink(missing_ok=True)
+                    raise _BadDownload(f"the file from {url} is not usable as the {self.info.name} weights "
+                                       f"({_without_path(str(exc), self.part)}); it was deleted and nothing was "
+                                       f"saved as {self.part.with_suffix('')}. {mirror_hint(self.info)}") from None
+            # Pooch checks the hash of, then moves, its own temporary file: the complete download becomes that file.
+            os.replace(self.part, output_file)
+
+    def _bar(self, total: int | None, initial: int) -> tqdm:
+        return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=self.info.name,
+                    file=sys.stderr, disable=not (self.progress and sys.stderr.isatty()), leave=False)
+
+    def _copy(self, source: Path, fh: IO[bytes]) -> None:
+        if not source.is_file():
+            raise ModelError(f"cannot copy the {self.info.name} weights: {source} is not a file. "
+                             f"{mirror_hint(self.info)}")
+        _truncate(fh)
+        with source.open("rb") as src, self._bar(source.stat().st_size, 0) as bar:
+            for block in iter(lambda: src.read(_CHUNK * 16), b""):
+                fh.write(block)
+                bar.update(len(block))
+        fh.flush()
+
+    def _fetch(self, url: str, fh: IO[bytes]) -> None:
+        resumes = 0
+        while True:
+            start = _size(fh)
+            try:
+                self._stream(url, fh)
+                return
+            except (_Incomplete, requests.RequestException) as exc:
+                got = _size(fh)
+                if got > start and resumes < _RESUME_ATTEMPTS:
+                    resumes += 1
+                    self.say(f"{_reason(exc)}; resuming")
+                    continue
+                kept = f"; the {_size_text(got)} received are kept in {self.part} and the same command resumes" \
+                    if got else ""
+                raise ModelError(f"cannot download the {self.info.name} weights from {url}: {_reason(exc)}{kept}. "
+                                 f"{mirror_hint(self.info)}") from None
+
+    def _stream(self, url: str, fh: IO[bytes]) -> None:
+        offset = _size(fh)
+        # Byte ranges count bytes of the file itself, so no compression may sit in between.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        with requests.get(url, headers=headers, stream=True, timeout=(_CONNECT_TIMEOUT, _READ_TIMEOUT)) as resp:
+            if offset and (resp.status_code == 416 or (resp.status_code == 206 and _range_start(resp) != offset)):
+                self.say("the partial download does not fit the file on the server; starting over")
+                _truncate(fh)
+                resp.close()
+                self._stream(url, fh)
+                return
+            resp.raise_for_status()
+            total: int | None
+            if offset and resp.status_code == 206:
+                self.resumed = True
+                total = _range_total(resp)
+                self.say(f"resuming after {_size_text(offset)}")
+            else:
+                if offset:
+                    self.say("the server cannot resume a download; starting over")
+                    _truncate(fh)
+                    offset = 0
+                total = _content_length(resp)
+            with self._bar(total, offset) as bar:
+                for chunk in resp.iter_content(_CHUNK):
+                    fh.write(chunk)
+                    bar.update(len(chunk))
+            fh.flush()
+        if total is not None and _size(fh) != total:
+            raise _Incomplete(_size(fh), total)
+
+
+@contextmanager
+def _locked_part(part: Path, info: ModelInfo) -> Iterator[IO[bytes]]:
+    # Append mode: every write lands at the end of what an earlier run left, which is what resuming needs.
+    with part.open("a+b") as fh:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ModelError(f"another download of the {info.name} weights is writing {part}; wait for it to "
+                                 "finish") from None
+        try:
+            yield fh
+        finally:
+            # An empty .part would only make the next run's messages talk of a partial download.
+            if _size(fh) == 0 and part.exists() and os.path.samestat(part.stat(), os.fstat(fh.fileno())):
+                part.unlink()
+
+
+def _size(fh: IO[bytes]) -> int:
+    fh.flush()
+    return os.fstat(fh.fileno()).st_size
+
+
+def _truncate(fh: IO[bytes]) -> None:
+    fh.seek(0)
+    fh.truncate()
+
+
+def _range_start(resp: Any) -> int | None:
+    match = re.match(r"bytes\s+(\d+)-\d+/", resp.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+def _range_total(resp: Any) -> int | None:
+    match = re.match(r"bytes\s+\d+-\d+/(\d+)", resp.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+def _content_length(resp: Any) -> int | None:
+    if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None  # the length of the compressed body, not of the file
+    try:
+        return int(resp.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, user-level account of why a fetch failed."""
+    if isinstance(exc, _Incomplete):
+        return str(exc)
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return f"the server answered HTTP {exc.response.status_code} {exc.response.reason or ''}".rstrip()
+    if isinstance(exc, requests.Timeout):
+        return "the server did not answer in time (timed out)"
+    text = str(exc)
+    if "Connection refused" in text or "[Errno 111]" in text:
+        return "the connection was refused"
+    if any(s in text for s in ("NameResolutionError", "Name or service not known", "getaddrinfo failed",
+                               "nodename nor servname", "Temporary failure in name resolution")):
+        return "the host name could not be resolved (DNS lookup failed)"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError) or "IncompleteRead" in text:
+        return "the connection was cut mid-download"
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.MissingSchema
+                  | requests.exceptions.InvalidSchema):
+        return "not a URL this downloader can fetch (http, https, file:// or a local path)"
+    if isinstance(exc, requests.ConnectionError):
+        return "the connection failed"
+    return type(exc).__name__
+
+
+def _local_path(source: str) -> Path | None:
+    parts = urlsplit(source)
+    if parts.scheme == "file":
+        return Path(url2pathname(unquote(parts.path)))
+    if "://" not in source:
+        return Path(source).expanduser()
+    return None
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+
+
+def _without_path(message: str, path: Path) -> str:
+    # The reader names the .part file; the user knows the file by its URL, which the message already gives.
+    return message.replace(f"{path}: ", "")
+
+
+def _require_dependencies() -> None:
+    if _MISSING_DEPENDENCY is not None:
+        raise ModelError(f"downloading needs the packages pooch and requests ({_MISSING_DEPENDENCY}); install them "
+                         "with: pip install -r requirements.txt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="download",
+        description="Fetch and verify the weights of the public Caffe models into <models dir>/<name>/.",
+        epilog="The VGG weights are licensed CC BY-NC 4.0: non-commercial use only. A source ending in / is a folder "
+               "holding the usual file names. STYLE_TRANSFER_<NAME>_URL (e.g. STYLE_TRANSFER_VGG19_URL) sets one "
+               "model's source.")
+    parser.add_argument("models", nargs="+", metavar="MODEL",
+                        help=f"{', '.join(registry.MODELS)}, or all")
+    parser.add_argument("--models-dir", metavar="DIR",
+                        help=f"where the models live (default: ${registry.MODELS_DIR_ENV}, else the project's models/)")
+    parser.add_argument("--mirror", "--url", dest="mirror", metavar="URL",
+                        help="fetch from this URL, folder URL (ending in /), file:// URL or local path instead")
+    parser.add_argument("--force", action="store_true", help="fetch again even when a verified file is there")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no informational lines")
+    return parser
+
+
+def download_main(argv: Sequence[str] | None = None) -> int:
+    """The `download` command; returns its exit code (see the module docstring)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        names: list[str] = []
+        for name in args.models:
+            wanted = list(registry.MODELS) if name == "all" else [name]
+            if name != "all" and name not in registry.MODELS:
+                parser.error(f"unknown model {name!r}; known models: {', '.join(registry.MODELS)}, all")
+            names += [n for n in wanted if n not in names]
+        if args.mirror and len(names) > 1 and not _is_folder(args.mirror):
+            parser.error("--mirror names one file, but several models were asked for; give a folder URL ending in /")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    status = 0
+    current: str | None = None
+    try:
+        for name in names:
+            current = name
+            try:
+                download_model(name, models_dir=args.models_dir, url=args.mirror, progress=not args.quiet,
+                               force=args.force, quiet=args.quiet)
+            except StyleTransferError as exc:
+                print(f"download: error: {exc}", file=sys.stderr)
+                status = 1
+    except KeyboardInterrupt:
+        part = part_path(get_model(current).weights_path(args.models_dir)) if current else None
+        kept = f"; {part} is kept and the same command resumes it" if part is not None and part.exists() else ""
+        print(f"download: interrupted{kept}", file=sys.stderr)
+        return 130
+    return status
+
+
+def _is_folder(source: str) -> bool:
+    local = _local_path(source)
+    return source.endswith("/") or (local is not None and local.is_dir())
+
+
+if __name__ == "__main__":
+    sys.exit(download_main())
