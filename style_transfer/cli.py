@@ -33,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
     "lbfgs_memory": 8,
     "tv_weight": 0.0,
     "max_pixels": images.DEFAULT_MAX_PIXELS,
+    "scales": 1,
+    "color_match": "none",
 }
 
 
@@ -86,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     p = _Parser(prog="style.py", description="Neural artistic style transfer (Gatys et al.) on Caffe nets.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-s", "--style-img", "--style_img", dest="style", nargs="+", required=True, metavar="STYLE",
-                   help="style (art) image(s)")
-    p.add_argument("-c", "--content-img", "--content_img", dest="content", required=True, help="content image")
+    # -s and -c are checked in main(), so that --download works without them.
+    p.add_argument("-s", "--style-img", "--style_img", dest="style", nargs="+", metavar="STYLE",
+                   help="style (art) image(s); required")
+    p.add_argument("-c", "--content-img", "--content_img", dest="content", help="content image; required")
     p.add_argument("-m", "--model", default=d["model"],
                    help=f"model: {', '.join(MODELS)} (or any net with --prototxt)")
     p.add_argument("-g", "--gpu", "--gpu_id", dest="gpu", type=_gpu, default=d["gpu"],
@@ -123,7 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total-variation weight (on the 0-255 pixel scale)")
     p.add_argument("--max-pixels", type=_positive_int("--max-pixels"), default=d["max_pixels"],
                    help="largest input image accepted, in pixels (decompression-bomb guard)")
+    p.add_argument("--scales", type=_positive_int("--scales"), default=d["scales"],
+                   help="coarse-to-fine scales; 1 is the original single-scale run")
+    p.add_argument("--min-length", type=_positive_int("--min-length"), default=None,
+                   help="long side of the smallest scale (default: halving per scale, at least 64)")
+    p.add_argument("--color-match", choices=("none", "meancov", "histogram"), default=d["color_match"],
+                   help="recolour the style image(s) to the content's colour statistics first")
+    p.add_argument("--original-colors", action="store_true",
+                   help="keep the content's colours: the result's luminance with the content's chroma")
+    p.add_argument("--save-every", type=_positive_int("--save-every"), default=None,
+                   help="also save OUT-NNNN.ext every N iterations")
+    p.add_argument("--animation", default=None,
+                   help="assemble the intermediate images into an animated .gif/.webp/.png")
     p.add_argument("--report", default=None, help="write a JSON report of the run here")
+    p.add_argument("--download", nargs="+", metavar="MODEL", default=None,
+                   help=f"fetch and verify model weights ({', '.join(MODELS)} or all) and exit")
+    p.add_argument("--download-missing", action="store_true",
+                   help="fetch the model's weights first when they are missing")
+    p.add_argument("--mirror", default=None, help="with --download: fetch from this URL, folder or file instead")
     return p
 
 
@@ -161,9 +181,15 @@ def _say(message: str) -> None:
     print(f"style.py: {message}", file=sys.stderr)
 
 
+def _save_name(output: Path, iteration: int) -> Path:
+    return output.with_name(f"{output.stem}-{iteration:04d}{output.suffix}")
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from style_transfer.colors import original_colors
+    from style_transfer.optimize import NonFiniteLossError
     from style_transfer.transfer import StyleTransfer
 
     ratio = _ratio(args.ratio)
@@ -177,65 +203,94 @@ def run(args: argparse.Namespace) -> int:
     model_name = args.model if args.prototxt is None else Path(args.prototxt).stem
     output = Path(args.output) if args.output else default_output(args, model_name)
     images.check_output_path(output)
+    if args.animation:
+        animation = images.check_output_path(args.animation)
+        if animation.suffix.lower() not in (".gif", ".webp", ".png"):
+            raise StyleTransferError(f"--animation {animation}: use a .gif, .webp or .png (APNG) file")
     if args.report:
         _check_report_path(Path(args.report))
 
     started = time.perf_counter()
     st = StyleTransfer(args.model, prototxt=args.prototxt, weights=args.weights, models_dir=args.models_dir,
                        style_layers=args.style_layers, content_layers=args.content_layers, pooling=args.pooling,
-                       engine=args.engine, gpu=args.gpu, verbose=args.verbose)
+                       engine=args.engine, gpu=args.gpu, verbose=args.verbose,
+                       download_missing=args.download_missing)
     run_ = st.stylize(content, styles, style_blend=args.style_weights, ratio=ratio, iterations=args.num_iters,
                       length=args.length, style_scale=args.style_scale, init=init, seed=args.seed,
-                      lbfgs_memory=args.lbfgs_memory, tv_weight=args.tv_weight)
+                      lbfgs_memory=args.lbfgs_memory, tv_weight=args.tv_weight, scales=args.scales,
+                      min_length=args.min_length, color_match=args.color_match)
     for notice in [*notices, *run_.notices]:
         _say(notice)
     setup_seconds = time.perf_counter() - started
 
+    def to_rgb(x: np.ndarray) -> np.ndarray:
+        rgb = run_.to_rgb(x)
+        if args.original_colors:
+            rgb = original_colors(rgb, images.resize_to(content, rgb.shape[0], rgb.shape[1]))
+        return rgb
+
+    frame_every = args.save_every or max(1, run_.iterations // 50)
+    frames: list[np.ndarray] = []
     last = None
     interrupted = False
+    failure: StyleTransferError | None = None
     optimise_started = time.perf_counter()
-    bar = tqdm(total=args.num_iters, desc="stylizing", unit="it", dynamic_ncols=True, file=sys.stderr,
+    bar = tqdm(total=run_.iterations, desc="stylizing", unit="it", dynamic_ncols=True, file=sys.stderr,
                disable=None)
     try:
         for step in run_.steps():
             last = step
             bar.update(1)
             if step.evaluation is not None:
-                bar.set_postfix(loss=f"{step.evaluation.loss:.4g}", refresh=False)
+                bar.set_postfix(loss=f"{step.evaluation.loss:.4g}", scale=step.scale + 1, refresh=False)
                 if args.verbose and (step.iteration == 1 or step.iteration % 10 == 0
-                                     or step.iteration == args.num_iters):
+                                     or step.iteration == run_.iterations):
                     layers = "  ".join(f"{k}={v:.4g}" for k, v in step.evaluation.layers.items())
                     bar.write(f"iter {step.iteration}: loss={step.evaluation.loss:.6g}  {layers}")
+            if args.save_every and step.iteration % args.save_every == 0:
+                images.save_image(_save_name(output, step.iteration), to_rgb(step.image))
+            if args.animation and (step.iteration % frame_every == 0 or step.iteration == 1):
+                frames.append(to_rgb(step.image))
     except KeyboardInterrupt:
         interrupted = True
+    except NonFiniteLossError as exc:
+        failure = exc
     finally:
         bar.close()
     seconds = time.perf_counter() - optimise_started
 
     result = run_.result
-    if interrupted:
+    if interrupted or failure is not None:
         final = last.image if last is not None else None
     else:
         final = result.image if result.image is not None else (last.image if last is not None else None)
     if final is None:
+        if failure is not None:
+            raise failure
         raise StyleTransferError("the optimisation stopped before its first iteration; nothing to save")
-    images.save_image(output, run_.to_rgb(final))
+    final_rgb = to_rgb(final)
+    images.save_image(output, final_rgb)
+    if args.animation:
+        _save_animation(Path(args.animation), [*frames, final_rgb])
+    if failure is not None:
+        _say(f"error: {failure}; saved the last good image (iteration {last.iteration if last else 0}) to {output}")
+        return 1
     if interrupted:
         _say(f"interrupted after {last.iteration if last else 0} iteration(s); saved the current image to {output}")
     elif result.stopped_early:
-        _say(f"L-BFGS-B stopped after {result.iterations} of {args.num_iters} iterations: {result.message}")
+        _say(f"L-BFGS-B stopped after {result.iterations} of {run_.iterations} iterations: {result.message}")
 
+    evaluations = run_.evaluations
     if last is not None and last.evaluation is not None and np.array_equal(last.image, final):
         final_eval = last.evaluation
     else:
-        final_eval = run_.optimizer.evaluate(final)
-    evaluations = run_.optimizer.evaluations
+        final_eval = st.engine.evaluate(final)
     report = {
         "engine": args.engine,
         "device": st.engine.device,
         "model": model_name,
-        "width": run_.width,
-        "height": run_.height,
+        "width": int(final.shape[2]),
+        "height": int(final.shape[1]),
         "iterations": last.iteration if last else 0,
         "evaluations": evaluations,
         "loss": final_eval.loss,
@@ -246,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": seconds,
         "setup_seconds": setup_seconds,
         "seconds_per_evaluation": seconds / evaluations if evaluations else None,
+        "scales": [{"length": length, "iterations": n} for length, n in run_.plan],
         "stop_reason": "interrupted" if interrupted else result.message,
         "output": str(output),
         "options": {k: v for k, v in vars(args).items() if k != "report"},
@@ -257,6 +313,21 @@ def run(args: argparse.Namespace) -> int:
              f" in {seconds:.1f} s, {evaluations} evaluations")
     print(output)
     return 130 if interrupted else 0
+
+
+def _save_animation(path: Path, frames: list[np.ndarray]) -> None:
+    """All frames at the final size (coarse-to-fine frames are smaller), written atomically."""
+    from PIL import Image
+
+    h, w = frames[-1].shape[:2]
+    pictures = [Image.fromarray(np.round(images.resize_to(f, h, w) * 255).astype(np.uint8)) for f in frames]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        pictures[0].save(tmp, save_all=True, append_images=pictures[1:], duration=100, loop=0)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StyleTransferError(f"cannot write --animation {path}: {exc.strerror or exc}") from None
 
 
 def _check_report_path(path: Path) -> None:
@@ -281,7 +352,21 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["batch"]:
+        from style_transfer.batch import batch_main
+
+        return batch_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.download:
+        from style_transfer.download import download_main
+
+        extra = ["--models-dir", args.models_dir] if args.models_dir else []
+        extra += ["--mirror", args.mirror] if args.mirror else []
+        return download_main([*args.download, *extra])
+    if not args.style or not args.content:
+        parser.error("the following arguments are required: -s/--style-img, -c/--content-img")
     try:
         return run(args)
     except StyleTransferError as exc:

@@ -25,6 +25,7 @@ class Step:
     image: np.ndarray  # the iterate, float32 3 x H x W
     evaluation: Evaluation | None  # the objective at this iterate, when it was evaluated there
     evaluations: int  # objective evaluations so far
+    scale: int = 0  # index of the scale in a coarse-to-fine run (0 = the only or the smallest)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,8 @@ import numpy as np
 from style_transfer import images
 from style_transfer.caffe_model.loader import load_net
 from style_transfer.caffe_model.registry import get_model
-from style_transfer.engines import create_engine
+from style_transfer.colors import COLOR_MATCH_MODES, match_colors
+from style_transfer.engines import Evaluation, create_engine
 from style_transfer.errors import ModelError, StyleTransferError
 from style_transfer.initial import mixed, pink_noise
 from style_transfer.losses import Objective, gram_numpy
@@ -48,21 +49,102 @@ def parse_layer_weights(spec: str | Mapping[str, float] | Sequence[str], flag: s
     return out
 
 
+def scale_plan(length: int, scales: int, min_length: int | None, iterations: int) -> list[tuple[int, int]]:
+    """(long side, iterations) per scale, smallest first.
+
+    Sizes grow geometrically from `min_length` (default: half of `length` per step down, at least 64 px) to
+    `length`. Iterations are split in proportion to 1/size: a coarse iteration costs a fraction of a fine one and
+    moves the image further, so coarse scales get more of them. `scales == 1` is the original single-scale run.
+    """
+    if scales < 1:
+        raise StyleTransferError(f"--scales must be at least 1, got {scales}")
+    if scales == 1:
+        return [(length, iterations)]
+    if iterations < scales:
+        raise StyleTransferError(f"-n/--num-iters {iterations} is fewer than --scales {scales}: each scale needs "
+                                 "at least one iteration")
+    smallest = min_length if min_length is not None else max(64, length >> (scales - 1))
+    if not images.MIN_SIDE <= smallest <= length:
+        raise StyleTransferError(f"--min-length must be between {images.MIN_SIDE} and --length {length}, "
+                                 f"got {smallest}")
+    sizes = [round(smallest * (length / smallest) ** (i / (scales - 1))) for i in range(scales)]
+    shares = np.array([1.0 / s for s in sizes])
+    counts = np.maximum(1, np.floor(iterations * shares / shares.sum()).astype(int))
+    counts[0] += iterations - int(counts.sum())  # rounding leftovers go to the cheapest scale
+    return list(zip(sizes, (int(c) for c in counts), strict=True))
+
+
 @dataclass
 class Stylization:
-    """One run: iterate `steps()` (each L-BFGS-B iteration), then read `result`; images via `to_rgb`."""
+    """One run: iterate `steps()` (each L-BFGS-B iteration of every scale), then read `result`."""
 
-    optimizer: LBFGSB
-    width: int
-    height: int
+    transfer: StyleTransfer
+    content: np.ndarray
+    styles: list[np.ndarray]
+    blend: np.ndarray
+    plan: list[tuple[int, int]]
+    init: str | float | np.ndarray
+    seed: int | None
+    ratio: float
+    style_scale: float
+    lbfgs_memory: int
+    tv_weight: float
+    color_match: str
     notices: list[str] = field(default_factory=list)
+    result: Result = field(default_factory=Result)
+    evaluations: int = 0
+
+    def __post_init__(self) -> None:
+        last = images.resize_long_side(self.content, self.plan[-1][0])
+        self.height, self.width = last.shape[:2]
+        self.iterations = sum(n for _, n in self.plan)
+        # Check every scale's size before any work, so a bad size fails at once.
+        for length, _ in self.plan:
+            images.resize_long_side(self.content, length)
+            for style in self.styles:
+                images.resize_long_side(style, round(length * self.style_scale))
 
     def steps(self) -> Iterator[Step]:
-        return self.optimizer.steps()
+        x: np.ndarray | None = None
+        done = 0
+        for index, (length, iters) in enumerate(self.plan):
+            content = images.resize_long_side(self.content, length)
+            h, w = content.shape[:2]
+            self._set_objective(content, length)
+            if x is None:
+                start = self.transfer.initial_image(self.init, content, self.styles, self.blend, self.seed)
+            else:
+                start = images.resize_to(images.deprocess(x), h, w)
+            lower, upper = images.pixel_bounds(h, w)
+            optimizer = LBFGSB(self.evaluate, images.preprocess(start), lower, upper, iters, self.lbfgs_memory)
+            last: Step | None = None
+            for step in optimizer.steps():
+                last = replace(step, iteration=done + step.iteration, scale=index,
+                               evaluations=self.evaluations)
+                yield last
+            res = optimizer.result
+            done = last.iteration if last is not None else done
+            x = res.image if res.image is not None else (last.image if last is not None else images.preprocess(start))
+            self.result = Result(success=res.success, message=res.message, iterations=done,
+                                 evaluations=self.evaluations,
+                                 stopped_early=self.result.stopped_early or res.stopped_early, image=x)
 
-    @property
-    def result(self) -> Result:
-        return self.optimizer.result
+    def evaluate(self, image: np.ndarray) -> Evaluation:
+        self.evaluations += 1
+        return self.transfer.engine.evaluate(image)
+
+    def _set_objective(self, content: np.ndarray, length: int) -> None:
+        st = self.transfer
+        grams = []
+        for style in self.styles:
+            resized = images.resize_long_side(style, round(length * self.style_scale))
+            grams.append(st.style_grams(match_colors(resized, content, self.color_match)))
+        content_feats = st.engine.features(images.preprocess(content), list(st.content_weights))
+        st.engine.set_objective(Objective(
+            content_weights=st.content_weights, style_weights=st.style_weights, ratio=self.ratio,
+            content_targets=content_feats,
+            style_targets={layer: np.stack([g[layer] for g in grams]) for layer in st.style_weights},
+            style_blend=self.blend, tv_weight=self.tv_weight))
 
     @staticmethod
     def to_rgb(x: np.ndarray) -> np.ndarray:
@@ -76,17 +158,20 @@ class StyleTransfer:
                  weights: str | os.PathLike[str] | None = None, models_dir: str | os.PathLike[str] | None = None,
                  style_layers: str | Mapping[str, float] | None = None,
                  content_layers: str | Mapping[str, float] | None = None, pooling: str = "avg",
-                 engine: str = "torch", gpu: int = 0, verbose: bool = False) -> None:
+                 engine: str = "torch", gpu: int = 0, verbose: bool = False,
+                 download_missing: bool = False) -> None:
         if pooling not in ("avg", "max"):
             raise StyleTransferError(f"--pooling must be avg or max, got {pooling!r}")
         self.notices: list[str] = []
         if prototxt is None:
             info = get_model(model)
             prototxt_path = info.prototxt
-            weights_path = Path(weights) if weights else info.weights_path(models_dir)
-            if not weights_path.exists():
-                raise ModelError(f"model weights not found: {weights_path}; fetch them with "
-                                 f"`scripts/download_models.sh {model}` (or pass --weights PATH)")
+            if weights:
+                weights_path = Path(weights)
+            else:
+                from style_transfer.download import ensure_model
+
+                weights_path = ensure_model(model, models_dir, download_missing)
             default_style, default_content = info.style_layers, info.content_layers
         else:
             prototxt_path = Path(prototxt)
@@ -115,7 +200,8 @@ class StyleTransfer:
     def stylize(self, content: np.ndarray, styles: Sequence[np.ndarray], *,
                 style_blend: Sequence[float] | None = None, ratio: float = 1e4, iterations: int = 512,
                 length: int = 512, style_scale: float = 1.2, init: str | float | np.ndarray = "content",
-                seed: int | None = None, lbfgs_memory: int = 8, tv_weight: float = 0.0) -> Stylization:
+                seed: int | None = None, lbfgs_memory: int = 8, tv_weight: float = 0.0, scales: int = 1,
+                min_length: int | None = None, color_match: str = "none") -> Stylization:
         """Prepare a run on RGB images (H x W x 3 in [0, 1]); the work happens while iterating its steps."""
         if not styles:
             raise StyleTransferError("at least one style image is needed")
@@ -123,9 +209,9 @@ class StyleTransfer:
         if blend.shape != (len(styles),) or not np.all(np.isfinite(blend)) or np.any(blend < 0) or blend.sum() <= 0:
             raise StyleTransferError(f"--style-weights: need {len(styles)} non-negative weights with a positive sum")
         blend = blend / blend.sum()
-        for name, value, low in (("ratio", ratio, 0.0), ("tv-weight", tv_weight, 0.0)):
-            if not np.isfinite(value) or value < low:
-                raise StyleTransferError(f"--{name} must be a finite number >= {low:g}, got {value}")
+        for name, value in (("ratio", ratio), ("tv-weight", tv_weight)):
+            if not np.isfinite(value) or value < 0:
+                raise StyleTransferError(f"--{name} must be a finite number >= 0, got {value}")
         if length < images.MIN_SIDE:
             raise StyleTransferError(f"--length must be at least {images.MIN_SIDE}, got {length}")
         if not np.isfinite(style_scale) or style_scale <= 0:
@@ -134,29 +220,23 @@ class StyleTransfer:
             raise StyleTransferError(f"--num-iters must be at least 1, got {iterations}")
         if lbfgs_memory < 1:
             raise StyleTransferError(f"--lbfgs-memory must be at least 1, got {lbfgs_memory}")
-
-        content_img = images.resize_long_side(content, length)
-        h, w = content_img.shape[:2]
-        grams = []
-        for style in styles:
-            grams.append(self.style_grams(images.resize_long_side(style, round(length * style_scale))))
-        content_x = images.preprocess(content_img)
-        content_feats = self.engine.features(content_x, list(self.content_weights))
-        objective = Objective(
-            content_weights=self.content_weights, style_weights=self.style_weights, ratio=float(ratio),
-            content_targets=content_feats,
-            style_targets={layer: np.stack([g[layer] for g in grams]) for layer in self.style_weights},
-            style_blend=blend, tv_weight=float(tv_weight))
-        self.engine.set_objective(objective)
-
-        x0 = images.preprocess(self._initial(init, content_img, styles, blend, seed))
-        lower, upper = images.pixel_bounds(h, w)
-        optimizer = LBFGSB(self.engine.evaluate, x0, lower, upper, iterations, lbfgs_memory)
-        return Stylization(optimizer, width=w, height=h, notices=list(self.notices))
+        if color_match not in COLOR_MATCH_MODES:
+            raise StyleTransferError(f"--color-match must be one of {', '.join(COLOR_MATCH_MODES)}, "
+                                     f"got {color_match!r}")
+        if not isinstance(init, np.ndarray) and init not in ("content", "mixed"):
+            try:
+                float(init)
+            except (TypeError, ValueError):
+                raise StyleTransferError(f"--init must be content, mixed, a noise exponent or an image, "
+                                         f"got {init!r}") from None
+        plan = scale_plan(length, scales, min_length, iterations)
+        return Stylization(self, content, list(styles), blend, plan, init, seed, float(ratio), style_scale,
+                           lbfgs_memory, float(tv_weight), color_match, notices=list(self.notices))
 
     @staticmethod
-    def _initial(init: str | float | np.ndarray, content: np.ndarray, styles: Sequence[np.ndarray],
-                 blend: np.ndarray, seed: int | None) -> np.ndarray:
+    def initial_image(init: str | float | np.ndarray, content: np.ndarray, styles: Sequence[np.ndarray],
+                      blend: np.ndarray, seed: int | None) -> np.ndarray:
+        """The starting image at the content's size: content, mixed, 1/f^N noise, or a given image resized."""
         h, w = content.shape[:2]
         if isinstance(init, np.ndarray):
             return images.resize_to(init, h, w)
