@@ -14,7 +14,7 @@ from style_transfer.caffe_model.loader import load_net
 from style_transfer.caffe_model.registry import get_model
 from style_transfer.colors import COLOR_MATCH_MODES, match_colors
 from style_transfer.engines import Evaluation, create_engine
-from style_transfer.errors import ModelError, StyleTransferError
+from style_transfer.errors import ImageError, ModelError, StyleTransferError
 from style_transfer.initial import mixed, pink_noise
 from style_transfer.losses import Objective, gram_numpy
 from style_transfer.optimize import LBFGSB, Result, Step
@@ -99,10 +99,16 @@ class Stylization:
         self.height, self.width = last.shape[:2]
         self.iterations = sum(n for _, n in self.plan)
         # Check every scale's size before any work, so a bad size fails at once.
-        for length, _ in self.plan:
-            images.resize_long_side(self.content, length)
-            for style in self.styles:
-                images.resize_long_side(style, round(length * self.style_scale))
+        for index, (length, _) in enumerate(self.plan):
+            try:
+                images.resize_long_side(self.content, length)
+                for style in self.styles:
+                    images.resize_long_side(style, round(length * self.style_scale))
+            except ImageError as exc:
+                if index == len(self.plan) - 1:
+                    raise
+                raise StyleTransferError(f"scale {index + 1} of {len(self.plan)} is too small: {exc}; "
+                                         "raise --min-length or use fewer --scales") from None
 
     def steps(self) -> Iterator[Step]:
         x: np.ndarray | None = None
