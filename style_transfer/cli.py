@@ -378,3 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         _say("error: out of memory; try a smaller -l/--length")
         return 1
+    except Exception as exc:
+        # A bug rather than bad input: one line by default, the traceback with -v.
+        if args.verbose:
+            raise
+        _say(f"error: unexpected {type(exc).__name__}: {exc} (rerun with -v for the traceback)")
+        return 1
