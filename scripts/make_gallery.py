@@ -1,8 +1,8 @@
 """Make the README gallery from images the project may ship.
 
-Contents are scikit-image's bundled photos (public domain or CC0: `chelsea` the cat, `coffee`, `astronaut`,
-`rocket`); styles are scikit-image's Hubble deep field (public domain) and a brush-stroke painting this script draws
-itself. Stylizing needs a VGG16 caffemodel: pass the shared HED one or the public VGG16 file.
+Contents are scikit-image's bundled photos `chelsea` (the cat) and `coffee`, both CC0; styles are two pictures
+this script draws itself: brush strokes along a flow field, and a stained-glass mosaic.
+Stylizing needs a VGG16 caffemodel: pass the shared HED one or the public VGG16 file.
 
     python scripts/make_gallery.py --weights ../shared/models/vgg16_hed.caffemodel [--length 256] [-n 150]
 """
@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
-CONTENTS = ("chelsea", "coffee", "astronaut")
-STYLES = ("strokes", "hubble")
+CONTENTS = ("chelsea", "coffee")
+STYLES = ("strokes", "mosaic")
 
 
 def brush_strokes(width: int = 480, height: int = 360, seed: int = 7) -> Image.Image:
@@ -43,6 +43,24 @@ def brush_strokes(width: int = 480, height: int = 360, seed: int = 7) -> Image.I
     return canvas.filter(ImageFilter.SMOOTH)
 
 
+def mosaic(width: int = 480, height: int = 360, cells: int = 260, seed: int = 3) -> Image.Image:
+    """Voronoi cells in saturated colours with dark leading between them, like stained glass."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform([0, 0], [width, height], (cells, 2))
+    palette = np.array([[200, 30, 40], [240, 170, 30], [30, 110, 190], [20, 150, 90], [120, 40, 150],
+                        [240, 220, 180], [230, 90, 30]])
+    colours = palette[rng.integers(0, len(palette), cells)] + rng.normal(0, 18, (cells, 3))
+    yy, xx = np.mgrid[0:height, 0:width]
+    d = (xx[..., None] - centres[:, 0]) ** 2 + (yy[..., None] - centres[:, 1]) ** 2
+    order = np.argsort(d, axis=-1)
+    nearest, second = order[..., 0], order[..., 1]
+    gap = np.sqrt(np.take_along_axis(d, second[..., None], -1)[..., 0]) - np.sqrt(
+        np.take_along_axis(d, nearest[..., None], -1)[..., 0])
+    picture = colours[nearest]
+    picture[gap < 2.5] = [25, 20, 20]
+    return Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8)).filter(ImageFilter.SMOOTH)
+
+
 def prepare_sources() -> None:
     import skimage.data as data
 
@@ -50,9 +68,7 @@ def prepare_sources() -> None:
     (IMAGES / "style").mkdir(parents=True, exist_ok=True)
     for name in CONTENTS:
         Image.fromarray(getattr(data, name)()).save(IMAGES / "content" / f"{name}.jpg", quality=92)
-    hubble = Image.fromarray(data.hubble_deep_field())
-    hubble.thumbnail((600, 600))
-    hubble.save(IMAGES / "style" / "hubble.jpg", quality=92)
+    mosaic().save(IMAGES / "style" / "mosaic.jpg", quality=92)
     brush_strokes().save(IMAGES / "style" / "strokes.jpg", quality=92)
 
 
@@ -63,6 +79,8 @@ def stylize(weights: str, length: int, iterations: int, extra: list[str]) -> Non
         for style in STYLES:
             style_file = IMAGES / "style" / f"{style}.jpg"
             target = out / f"{content}-{style}.jpg"
+            if target.exists():
+                continue
             subprocess.run([sys.executable, str(ROOT / "style.py"), "-s", str(style_file), "-c",
                             str(IMAGES / "content" / f"{content}.jpg"), "-m", "vgg16", "--weights", weights,
                             "-l", str(length), "-n", str(iterations), "-g", "-1", "-o", str(target), *extra],
