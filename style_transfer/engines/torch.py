@@ -1,8 +1,35 @@
-"""The PyTorch engine: the Caffe net rebuilt from torch operations; only the input gets a gradient."""
+"""The PyTorch engine: the Caffe net rebuilt from torch operations; only the input gets a gradient.
+
+Why the code is shaped as it is (each choice is a `Tuning` switch, measured in BENCHMARKS.md): an evaluation is a
+forward pass and an input-gradient backward pass, nearly all of it convolution, so the aim is to spend as little
+time as the convolutions allow, and nothing elsewhere.
+
+- Winograd convolutions (NNPACK, CPU float32) for 3 x 3 stride-1 layers on feature maps of at least 1024 positions:
+  they need about a third of direct convolution's multiplications. Used when such layers carry most of a net's work
+  (VGG) and the net has no max pooling; the activations are then NCHW, as NNPACK requires.
+- Otherwise activations are channels-last on the CPU: oneDNN's direct convolutions run at sgemm speed on NHWC and
+  well below it on NCHW, especially for the wide, shallow early layers.
+- The style and content terms are differentiated by hand (dL/dF = 4 s (G - A) F, w (F - P)) and the gradients are
+  injected into autograd at the feature blobs: one matrix product per style layer instead of autograd's two, and no
+  graph through the Gram matrices.
+- Freed activations are kept by the C allocator instead of being returned to the kernel (glibc only): otherwise each
+  evaluation maps hundreds of megabytes afresh and pays a page fault per 4 KiB.
+- ReLUs run in place (a convolution's input gradient needs its weights, not its output): less memory.
+- Across-channel LRN is a 1 x 1 convolution with a banded matrix instead of torch's 5-D pooling.
+- On CUDA: cuDNN autotuning, TF32 convolutions, and opt-in bf16/fp16 autocast with float32 Gram matrices.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import platform
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +38,10 @@ import torch.nn.functional as F
 from style_transfer.caffe_model.net import Layer, Net, concat_axis, conv_geometry, pool_geometry
 from style_transfer.engines.base import Engine, Evaluation
 from style_transfer.errors import EngineError, ModelError
-from style_transfer.losses import Objective, content_loss_torch, style_loss_torch, tv_loss_torch
+from style_transfer.losses import Objective, style_scale, tv_loss_torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(gpu: int) -> tuple[torch.device, str | None]:
@@ -28,25 +58,69 @@ def resolve_device(gpu: int) -> tuple[torch.device, str | None]:
     return torch.device("cuda", gpu), None
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """Speed choices, each measured in bench/torch_variants.py; None means the engine's default for the device.
+
+    All False gives the plain implementation the measurements start from.
+    """
+
+    channels_last: bool | None = None
+    inplace_relu: bool = True
+    manual_loss_grad: bool = True
+    keep_freed_memory: bool = True
+    physical_core_threads: bool = True
+    winograd: bool | None = None
+
+    @staticmethod
+    def plain() -> Tuning:
+        return Tuning(channels_last=False, inplace_relu=False, manual_loss_grad=False, keep_freed_memory=False,
+                      physical_core_threads=False, winograd=False)
+
+
+Run = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
 class _Op:
     """One layer as a torch function of its input tensors."""
 
-    def __init__(self, layer: Layer, pooling: str | None, weights: list[torch.Tensor]) -> None:
+    def __init__(self, layer: Layer, pooling: str | None, weights: list[torch.Tensor], inplace_relu: bool,
+                 winograd: bool = False) -> None:
         self.layer = layer
-        self.run = self._build(layer, pooling, weights)
+        self.winograd = winograd
+        self.run = self._build(layer, pooling, weights, inplace_relu, winograd)
 
     @staticmethod
-    def _build(layer: Layer, pooling: str | None, weights: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+    def _build(layer: Layer, pooling: str | None, weights: list[torch.Tensor], inplace_relu: bool,
+               winograd: bool) -> Run:
         t = layer.type
         if t == "Convolution":
             g = conv_geometry(layer)
             weight = weights[0]
             bias = weights[1] if g.bias else None
+            if winograd:
+                # The input gradient of a stride-1 convolution is the convolution of the output gradient with the
+                # flipped, transposed kernel, padded by k - 1 - pad: the same fast path serves the backward pass.
+                flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
+                back_pad = (g.kernel[0] - 1 - g.pad[0], g.kernel[1] - 1 - g.pad[1])
+
+                def conv(xs: list[torch.Tensor]) -> torch.Tensor:
+                    x = xs[0]
+                    if x.shape[2] * x.shape[3] >= _WINOGRAD_MIN_PIXELS:
+                        return _WinogradConv.apply(x, weight, bias, flipped, g.pad, back_pad)
+                    return F.conv2d(x, weight, bias, g.stride, g.pad, g.dilation, g.group)
+
+                return conv
             return lambda xs: F.conv2d(xs[0], weight, bias, g.stride, g.pad, g.dilation, g.group)
         if t == "ReLU":
             slope = float(layer.params.negative_slope) if layer.params is not None else 0.0
+            # In place only when Caffe's blob is in place too: then the value before the ReLU is never read again
+            # (a convolution's input gradient needs its weights, not its output).
+            in_place = inplace_relu and layer.tops[0] == layer.bottoms[0]
             if slope:
-                return lambda xs: F.leaky_relu(xs[0], slope)
+                return lambda xs: F.leaky_relu(xs[0], slope, inplace=in_place)
+            if in_place:
+                return lambda xs: xs[0].relu_()
             return lambda xs: F.relu(xs[0])
         if t == "Pooling":
             p = pool_geometry(layer, pooling)
@@ -69,7 +143,7 @@ class _Op:
             if size % 2 == 0:
                 raise ModelError(f"layer {layer.name!r}: LRN local_size must be odd, got {size}")
             if lp.norm_region == 0:
-                return lambda xs: F.local_response_norm(xs[0], size, alpha, beta, k)
+                return _across_channels_lrn(size, alpha, beta, k)
 
             def within(xs: list[torch.Tensor]) -> torch.Tensor:
                 x = xs[0]
@@ -89,67 +163,248 @@ class TorchEngine(Engine):
     name = "torch"
 
     def __init__(self, net: Net, pooling: str, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, precision: str = "fp32", tuning: Tuning | None = None) -> None:
         super().__init__(net, pooling, str(device))
         self.torch_device = torch.device(device)
         # float64 exists for gradient checks against finite differences; runs use float32.
         self.dtype = dtype
+        if precision not in PRECISIONS:
+            raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision != "fp32" and dtype != torch.float32:
+            raise EngineError(f"precision {precision} needs float32 weights, not {dtype}")
+        self.precision = precision
+        self.tuning = tuning or Tuning()
+        cpu = self.torch_device.type == "cpu"
+        if cpu and self.tuning.physical_core_threads:
+            _use_physical_cores()
+        if cpu and self.tuning.keep_freed_memory:
+            _keep_freed_memory()
+        # Winograd convolutions (NNPACK, float32 on the CPU, NCHW only) do about a third of the multiplications of
+        # direct ones for 3 x 3 kernels; they are used where they apply when they carry most of the net's work.
+        wino_layers: set[str] = set()
+        plain_fp32_cpu = cpu and dtype == torch.float32 and precision == "fp32"
         override = None if pooling == "file" else pooling
+        if self.tuning.winograd is not False and plain_fp32_cpu and self.tuning.channels_last is not True:
+            wino_layers = _winograd_layers(net, override, forced=bool(self.tuning.winograd))
+        cl = self.tuning.channels_last
+        if cl is None:
+            # On the CPU oneDNN's float32 kernels want NHWC (measured); on CUDA NHWC pays off with tensor cores,
+            # which the half precisions use. float64 has no oneDNN kernels, so it stays in the plain layout.
+            cl = dtype == torch.float32 and (cpu or precision != "fp32") and not wino_layers
+        if cl:
+            wino_layers = set()
+        self.memory_format = torch.channels_last if cl else torch.contiguous_format
         self._ops: list[_Op] = []
         for layer in net.layers:
             weights = [self._tensor(w) for w in net.weights.get(layer.name, [])]
-            self._ops.append(_Op(layer, override, weights))
+            if cl and layer.type == "Convolution":
+                weights[0] = weights[0].contiguous(memory_format=torch.channels_last)
+            self._ops.append(_Op(layer, override, weights, self.tuning.inplace_relu, layer.name in wino_layers))
         self._objective: Objective | None = None
         self._content: dict[str, torch.Tensor] = {}
         self._style: dict[str, torch.Tensor] = {}
+        self._style_mean: dict[str, torch.Tensor] = {}
         self._blend = torch.ones(1)
+        self._blend_sum = 1.0
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.torch_device, dtype=self.dtype)
 
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Autocast for the half precisions; on CUDA, cuDNN autotuning (each size is tuned once) and TF32
+        convolutions in fp32 mode. Gram matrices are computed outside autocast, in float32."""
+        with contextlib.ExitStack() as stack:
+            if self.precision != "fp32":
+                stack.enter_context(torch.autocast(self.torch_device.type, dtype=_HALF[self.precision]))
+            if self.torch_device.type == "cuda":
+                # TF32 (float32's range, a 10-bit mantissa) is PyTorch's default for cuDNN convolutions and is made
+                # explicit here; the Gram matrices are plain matmuls, for which PyTorch keeps TF32 off, so they stay
+                # in full float32. Not measured on a GPU (none was available); parity with float32 is unverified.
+                stack.enter_context(_cudnn_settings(benchmark=True, allow_tf32=True))
+            yield
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.unsqueeze(0)
+        if self.memory_format is torch.channels_last:
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
     def _forward(self, x: torch.Tensor, blobs: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Blob values with the batch axis (1 x C x H x W), in the engine's memory format."""
         values: dict[str, torch.Tensor] = {self.net.input_name: x}
         wanted = set(blobs)
         last = _last_needed(self._ops, wanted)
-        for _i, op in enumerate(self._ops[: last + 1]):
-            outs = op.run([values[b] for b in op.layer.bottoms])
+        ops = self._ops[: last + 1]
+        # The last reader of each blob, so that inference can free activations as soon as they are consumed.
+        last_read = {b: i for i, op in enumerate(ops) for b in op.layer.bottoms}
+        out: dict[str, torch.Tensor] = {}
+        for i, op in enumerate(ops):
+            result = op.run([values[b] for b in op.layer.bottoms])
+            for b in op.layer.bottoms:
+                if last_read.get(b) == i and b not in wanted and b not in op.layer.tops:
+                    values.pop(b, None)
             for top in op.layer.tops:
-                values[top] = outs
-        return {b: values[b][0] for b in blobs}
+                values[top] = result
+        for b in blobs:
+            out[b] = values[b]
+        return out
 
     def features(self, image: np.ndarray, blobs: Sequence[str]) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            out = self._forward(self._tensor(image)[None], blobs)
-            return {b: v.detach().cpu().numpy() for b, v in out.items()}
+        with torch.inference_mode(), self._running():
+            out = self._forward(self._input(self._tensor(image)), blobs)
+            return {b: v[0].to(self.dtype).contiguous().cpu().numpy() for b, v in out.items()}
 
     def set_objective(self, objective: Objective) -> None:
         self._objective = objective
-        self._content = {k: self._tensor(v) for k, v in objective.content_targets.items()}
-        self._style = {k: self._tensor(v) for k, v in objective.style_targets.items()}
-        self._blend = self._tensor(objective.style_blend)
+        with torch.no_grad():
+            # Targets in the layout of the features they meet, so differences run over contiguous memory.
+            self._content = {k: self._tensor(v).unsqueeze(0).contiguous(memory_format=self.memory_format)
+                             for k, v in objective.content_targets.items()}
+            self._style = {k: self._tensor(v) for k, v in objective.style_targets.items()}
+            self._blend = self._tensor(objective.style_blend)
+            # sum_s b_s (G - A_s) = (sum b) G - sum_s b_s A_s: the gradient needs only the blended target.
+            self._style_mean = {k: torch.tensordot(self._blend, v, dims=1) for k, v in self._style.items()}
+        self._blend_sum = float(np.sum(objective.style_blend))
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
         obj = self._objective
         if obj is None:
             raise RuntimeError("set_objective must be called before evaluate")
+        if not self.tuning.manual_loss_grad:
+            return self._evaluate_autograd(image, obj)
         x = self._tensor(image)
         x.requires_grad_(True)
-        feats = self._forward(x[None], obj.layers)
+        scale = 1.0
+        for attempt in range(4):
+            with self._running():
+                feats = self._forward(self._input(x), obj.layers)
+            terms, roots, grads = self._loss_terms(obj, feats)
+            del feats
+            tv = torch.zeros((), dtype=self.dtype, device=x.device)
+            if obj.tv_weight:
+                tv = obj.tv_weight * tv_loss_torch(x)
+                roots.append(tv)
+                grads.append(torch.ones((), dtype=tv.dtype, device=tv.device))
+            if self.precision == "fp16":
+                # float16 overflows at 65504: the injected gradients are scaled by a power of two to a largest
+                # magnitude of 2^(10 - 8 * attempt), leaving headroom for growth through the backward pass.
+                if attempt == 0:
+                    scale = _power_of_two_scale(grads, 2.0**10)
+                grads = [g * scale for g in grads]
+            (grad,) = torch.autograd.grad(roots, x, [g.to(r.dtype) for r, g in zip(roots, grads, strict=True)])
+            if self.precision != "fp16" or bool(torch.isfinite(grad).all()):
+                break
+            scale /= 256.0
+        if scale != 1.0:
+            grad = grad / scale
+        style = sum((v for k, v in terms.items() if k.startswith("style:")), 0.0)
+        content = sum((v for k, v in terms.items() if k.startswith("content:")), 0.0)
+        tv_value = float(tv.detach())
+        return Evaluation(loss=style + content + tv_value, grad=_numpy(grad, self.dtype), style_loss=style,
+                          content_loss=content, tv_loss=tv_value, layers=terms)
+
+    def _loss_terms(self, obj: Objective, feats: dict[str, torch.Tensor]
+                    ) -> tuple[dict[str, float], list[torch.Tensor], list[torch.Tensor]]:
+        """Each weighted term's value, and the gradient of the whole objective with respect to each feature blob
+        (in the engine's dtype; the Gram matrices of half-precision features are computed in float32)."""
+        values: dict[str, torch.Tensor] = {}
+        grads: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for layer, w in obj.style_weights.items():
+                f = feats[layer].detach().to(self.dtype)
+                n, c, h, wd = f.shape
+                s = style_scale((c, h, wd)) * obj.ratio * w
+                nhwc = _is_nhwc(f)
+                # NHWC memory is an HW x C matrix: G = F^T F and dL/dF = F (4 s (G - A)) need no transposed copy.
+                fm = f.permute(0, 2, 3, 1).reshape(n * h * wd, c) if nhwc else f.reshape(c, h * wd)
+                gram = torch.mm(fm.t(), fm) if nhwc else torch.mm(fm, fm.t())
+                diff = gram.unsqueeze(0) - self._style[layer]
+                per_style = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2
+                values[f"style:{layer}"] = (per_style * self._blend).sum() * s
+                weighted = gram.mul_(self._blend_sum).sub_(self._style_mean[layer]).mul_(4.0 * s)
+                if nhwc:
+                    grads[layer] = torch.mm(fm, weighted).reshape(n, h, wd, c).permute(0, 3, 1, 2)
+                else:
+                    grads[layer] = torch.mm(weighted, fm).reshape(n, c, h, wd)
+            for layer, w in obj.content_weights.items():
+                f = feats[layer].detach().to(self.dtype)
+                diff = f - self._content[layer]
+                values[f"content:{layer}"] = 0.5 * w * torch.linalg.vector_norm(diff) ** 2
+                diff.mul_(w)
+                grads[layer] = grads[layer].add_(diff) if layer in grads else diff
+            # One transfer for all the values (one synchronisation on a GPU).
+            numbers = torch.stack(list(values.values())).tolist() if values else []
+        terms = dict(zip(values, (float(v) for v in numbers), strict=True))
+        return terms, [feats[layer] for layer in grads], list(grads.values())
+
+    def _evaluate_autograd(self, image: np.ndarray, obj: Objective) -> Evaluation:
+        """The plain formulation: the losses as torch expressions, everything differentiated by autograd."""
+        from style_transfer.losses import content_loss_torch, style_loss_torch
+
+        x = self._tensor(image)
+        x.requires_grad_(True)
+        with self._running():
+            feats = {k: v[0] for k, v in self._forward(self._input(x), obj.layers).items()}
         terms: dict[str, torch.Tensor] = {}
         for layer, w in obj.style_weights.items():
-            terms[f"style:{layer}"] = (obj.ratio * w) * style_loss_torch(feats[layer], self._style[layer],
-                                                                          self._blend)
+            terms[f"style:{layer}"] = (obj.ratio * w) * style_loss_torch(feats[layer].to(self.dtype),
+                                                                          self._style[layer], self._blend)
         for layer, w in obj.content_weights.items():
-            terms[f"content:{layer}"] = w * content_loss_torch(feats[layer], self._content[layer])
-        style = sum((v for k, v in terms.items() if k.startswith("style:")), torch.zeros((), device=x.device))
-        content = sum((v for k, v in terms.items() if k.startswith("content:")), torch.zeros((), device=x.device))
-        tv = obj.tv_weight * tv_loss_torch(x) if obj.tv_weight else torch.zeros((), device=x.device)
+            terms[f"content:{layer}"] = w * content_loss_torch(feats[layer].to(self.dtype), self._content[layer][0])
+        zero = torch.zeros((), dtype=self.dtype, device=x.device)
+        style = sum((v for k, v in terms.items() if k.startswith("style:")), zero)
+        content = sum((v for k, v in terms.items() if k.startswith("content:")), zero)
+        tv = obj.tv_weight * tv_loss_torch(x) if obj.tv_weight else zero
         total = style + content + tv
         (grad,) = torch.autograd.grad(total, x)
         values = {k: float(v.detach()) for k, v in terms.items()}
-        return Evaluation(loss=float(total.detach()), grad=grad.detach().cpu().numpy(),
+        return Evaluation(loss=float(total.detach()), grad=_numpy(grad, self.dtype),
                           style_loss=float(style.detach()), content_loss=float(content.detach()),
                           tv_loss=float(tv.detach()), layers=values)
+
+
+def _across_channels_lrn(size: int, alpha: float, beta: float, k: float) -> Run:
+    """Caffe's ACROSS_CHANNELS LRN, x / (k + alpha / size * sum of x^2 over `size` neighbouring channels)^beta.
+
+    The window sum is a 1 x 1 convolution with a banded 0/1 matrix: a small matrix product that runs at full speed
+    in either memory layout, where torch's local_response_norm goes through a 5-D average pooling that took 40% of
+    a GoogLeNet evaluation.
+    """
+    bands: dict[tuple[int, torch.dtype, torch.device, bool], torch.Tensor] = {}
+    half = (size - 1) // 2
+
+    def lrn(xs: list[torch.Tensor]) -> torch.Tensor:
+        x = xs[0]
+        c = int(x.shape[1])
+        nhwc = _is_nhwc(x)
+        key = (c, x.dtype, x.device, nhwc)
+        if key not in bands:
+            # A normal tensor even when first made under inference mode, as autograd will save it later.
+            with torch.inference_mode(False):
+                idx = torch.arange(c, device=x.device)
+                band = ((idx[:, None] - idx[None, :]).abs() <= half).to(x.dtype).view(c, c, 1, 1)
+                bands[key] = band.contiguous(memory_format=torch.channels_last) if nhwc else band
+        window = F.conv2d(x * x, bands[key])
+        return x * (window * (alpha / size) + k).pow(-beta)
+
+    return lrn
+
+
+def _numpy(grad: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A C-contiguous array the caller owns; a no-copy view when the gradient is already laid out so."""
+    return grad.detach().to(dtype).contiguous().cpu().numpy()
+
+
+def _power_of_two_scale(grads: list[torch.Tensor], target: float) -> float:
+    largest = max((float(g.abs().max()) for g in grads if g.numel()), default=0.0)
+    if not np.isfinite(largest) or largest == 0.0:
+        return 1.0
+    return float(2.0 ** np.floor(np.log2(target / largest)))
+
+
+def _is_nhwc(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _last_needed(ops: list[_Op], wanted: set[str]) -> int:
@@ -158,3 +413,133 @@ def _last_needed(ops: list[_Op], wanted: set[str]) -> int:
         if wanted.intersection(op.layer.tops):
             last = i
     return last
+
+
+# NNPACK transforms the whole kernel (C_in x C_out x 8 x 8) on every call, a cost that does not shrink with the
+# image: on small feature maps direct convolution wins. Forward plus backward break even between 768 (512 channels)
+# and 1280 (64 channels) positions on this AVX2 CPU; at 3072 Winograd takes half the time.
+_WINOGRAD_MIN_PIXELS = 1024
+
+
+class _WinogradConv(torch.autograd.Function):
+    """A stride-1 convolution through NNPACK's Winograd kernels, forward and input-gradient backward; no weight
+    gradients. Inputs and output gradients are NCHW."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                flipped: torch.Tensor, pad: tuple[int, int], back_pad: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(flipped)
+        ctx.back_pad = back_pad
+        return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, pad, (1, 1))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        (flipped,) = ctx.saved_tensors
+        gx = torch._nnpack_spatial_convolution(grad.contiguous(), flipped, None, ctx.back_pad, (1, 1))
+        return gx, None, None, None, None, None
+
+
+def _winograd_layers(net: Net, pooling: str | None, forced: bool = False) -> set[str]:
+    """The convolutions NNPACK's Winograd path serves (3 x 3, stride and dilation 1, one group), if they carry at
+    least three quarters of the net's convolution work; otherwise none. The rest of such a net runs in NCHW, where
+    oneDNN's direct convolutions are slower than in NHWC, so a net needs most of its work in Winograd layers to
+    gain: VGG (all of it) does, GoogLeNet (62%, mostly at small sizes) measured even, CaffeNet (23%) does not.
+
+    Unless `forced`, nets with max pooling keep direct convolutions: their gradient follows each window's argmax,
+    and Winograd's rounding (about 1e-6 of a feature's norm, ten times direct convolution's) moves near-ties often
+    enough to put the gradient 0.6% (norm) away from Caffe's on random-weight VGG16, against 0.1% allowed.
+    """
+    if not forced and any(pool_geometry(layer, pooling).method == "max" for layer in net.layers
+                          if layer.type == "Pooling"):
+        return set()
+    try:
+        available = bool(torch._nnpack_available())  # also initialises NNPACK, which its kernels need first
+    except (AttributeError, RuntimeError):
+        available = False
+    if not available:
+        return set()
+    from style_transfer.caffe_model.net import infer_shapes
+
+    try:
+        shapes = infer_shapes(net, (1, 3, 224, 224))
+    except ModelError:
+        return set()
+    chosen: set[str] = set()
+    total = eligible = 0
+    for layer in net.layers:
+        if layer.type != "Convolution":
+            continue
+        g = conv_geometry(layer)
+        c_in = shapes[layer.bottoms[0]][1]
+        _n, c_out, h, w = shapes[layer.tops[0]]
+        macs = c_out * h * w * (c_in // g.group) * g.kernel[0] * g.kernel[1]
+        total += macs
+        if (g.kernel == (3, 3) and g.stride == (1, 1) and g.dilation == (1, 1) and g.group == 1
+                and max(g.pad) <= 2):
+            chosen.add(layer.name)
+            eligible += macs
+    return chosen if total and eligible * 4 >= total * 3 else set()
+
+
+@contextlib.contextmanager
+def _cudnn_settings(benchmark: bool, allow_tf32: bool) -> Iterator[None]:
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.allow_tf32)
+    cudnn.benchmark, cudnn.allow_tf32 = benchmark, allow_tf32
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32 = saved
+
+
+_tuned: set[str] = set()
+
+
+def physical_cores() -> int | None:
+    """Physical cores among the CPUs this process may run on (Linux); None where the topology is unknown."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+    groups = set()
+    for cpu in cpus:
+        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            groups.add(path.read_text().strip())
+        except OSError:
+            return None
+    return len(groups) or None
+
+
+def _use_physical_cores() -> None:
+    """One intra-op thread per physical core: a second hardware thread on the same core adds contention for the
+    FMA units without adding throughput. An explicit OMP_NUM_THREADS (or torch.set_num_threads) wins."""
+    if "threads" in _tuned or os.environ.get("OMP_NUM_THREADS"):
+        return
+    _tuned.add("threads")
+    cores = physical_cores()
+    if cores and torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
+
+
+def _keep_freed_memory() -> None:
+    """Make glibc keep freed blocks for reuse instead of unmapping them (process-wide, once).
+
+    Activations of a few tens of megabytes are above glibc's mmap threshold, so each evaluation would map them
+    anew and fault in every page (about 0.2 s of kernel time per 512-px VGG19 evaluation); from the second
+    evaluation on, the same sizes are reused from the heap. The cost is a heap that does not shrink.
+    """
+    if "malloc" in _tuned:
+        return
+    _tuned.add("malloc")
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)

@@ -1,0 +1,90 @@
+"""What each speed choice of the torch engine buys: the engine with its choices switched on one at a time.
+
+    .venv/bin/python -m bench.torch_variants --model vgg19 --length 512 --repeats 7
+
+Every variant runs in its own worker process (process-wide settings such as the allocator's cannot be undone), and
+the driver alternates them evaluation by evaluation with an sgemm probe per round, as bench/evaluations.py does.
+The first row is the engine as first committed (`--baseline-rev`), the second the same formulation through the
+current code with every choice off (`Tuning.plain()`); then the choices are added cumulatively, and finally each is
+left out of the full set once, which shows what it is worth in the company of the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine
+from bench.evaluations import Group, markdown, probe_summary, run_group, save
+from bench.weights import REPO
+from style_transfer.engines.torch import Tuning
+
+BASELINE_REV = "c02fa92"
+# Cumulative order: the allocator first, since every later measurement is cleaner without page faults. Winograd
+# convolutions need NCHW, so the last step hands the layout back to the engine's choice.
+STEPS: list[tuple[str, dict[str, Any]]] = [
+    ("keep_freed_memory", {"keep_freed_memory": True}),
+    ("channels_last", {"channels_last": True}),
+    ("inplace_relu", {"inplace_relu": True}),
+    ("manual_loss_grad", {"manual_loss_grad": True}),
+    ("winograd", {"winograd": True, "channels_last": None}),
+]
+# Each choice left out of the engine's defaults once.
+LEAVE_OUT: list[tuple[str, dict[str, Any]]] = [
+    ("keep_freed_memory", {"keep_freed_memory": False}),
+    ("inplace_relu", {"inplace_relu": False}),
+    ("manual_loss_grad", {"manual_loss_grad": False}),
+    ("winograd", {"winograd": False}),
+    ("winograd, NCHW kept", {"winograd": False, "channels_last": False}),
+]
+
+
+def variants(baseline_rev: str | None, leave_one_out: bool) -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    if baseline_rev:
+        out.append((f"as of {baseline_rev}", {"engine": f"torch-rev:{baseline_rev}"}))
+    current = asdict(Tuning.plain())
+    out.append(("plain", {"engine": "torch", "tuning": dict(current)}))
+    for label, change in STEPS:
+        current.update(change)
+        out.append((f"+ {label}", {"engine": "torch", "tuning": dict(current)}))
+    if leave_one_out:
+        defaults = asdict(Tuning())
+        for label, change in LEAVE_OUT:
+            out.append((f"all but {label}", {"engine": "torch", "tuning": {**defaults, **change}}))
+        out.append(("all, mkldnn off", {"engine": "torch", "tuning": defaults, "mkldnn": False}))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vgg19")
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the original engine ('' to skip)")
+    ap.add_argument("--leave-one-out", action="store_true")
+    ap.add_argument("--only", nargs="*", help="run only the variants with these labels")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in every worker (0: the engine's choice)")
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "torch_variants.json")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    chosen = variants(args.baseline_rev or None, args.leave_one_out)
+    if args.only:
+        chosen = [v for v in chosen if v[0] in args.only]
+    if args.threads:
+        chosen = [(label, {**config, "threads": args.threads}) for label, config in chosen]
+    info = machine()
+    group: Group = run_group(args.model, args.length, chosen, args.repeats, args.warmup, verbose=args.verbose)
+    info["load_average_end"] = machine()["load_average"]
+    save(args.json, [group], {"machine": info})
+    print("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    print(probe_summary([group]))
+    print()
+    print(markdown([group], reference="plain"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The benchmark harness's arithmetic (FLOP counts by hand, the time-to-quality reparametrisations) and the torch
+engine's speed choices, which must not change its numbers. No timing is asserted anywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.evaluations import Group, Row, markdown
+from bench.flops import count, count_model
+from bench.time_to_quality import Colour, Spectral
+from style_transfer.caffe_model.loader import load_net
+from style_transfer.caffe_model.reader import read_prototxt
+from style_transfer.caffe_model.registry import get_model
+from style_transfer.engines.torch import TorchEngine, Tuning
+from style_transfer.errors import EngineError
+from style_transfer.losses import Objective, gram_numpy
+from tests import tinynets
+
+
+def _tiny(tmp_path: Path):  # type: ignore[no-untyped-def]
+    text = tinynets.prototxt(size=24)
+    path = tmp_path / "tiny.prototxt"
+    path.write_text(text)
+    return read_prototxt(path)
+
+
+def test_tiny_net_counts_by_hand(tmp_path: Path) -> None:
+    net = _tiny(tmp_path)
+    work = count(net, 24, 24, style_layers=["conv1"], loss_blobs=["conv3"])
+    by_name = {w.name: w for w in work.layers if w.kind != "gram"}
+    # conv1: 4 outputs x 24 x 24 positions x 3 inputs x 3 x 3 taps.
+    assert by_name["conv1"].forward_macs == 4 * 24 * 24 * 3 * 9
+    # pool1 halves to 12 x 12; conv2 has 2 groups, so each of its 6 outputs reads 4 / 2 inputs.
+    assert by_name["conv2"].forward_macs == 6 * 12 * 12 * 2 * 9
+    # pool2 (3 / 2, pad 1, Caffe's ceil) gives 7 x 7; conv3's 3 x 1 kernel with pad 1 x 0 keeps 7 x 7.
+    assert by_name["conv3"].forward_macs == 5 * 7 * 7 * 6 * 3
+    # Every convolution lies between the image and a loss, so each has an input gradient of the same size.
+    for name in ("conv1", "conv2", "conv3"):
+        assert by_name[name].backward_macs == by_name[name].forward_macs
+    # The fc layer is past the deepest loss blob and is cut away, as the engines do.
+    assert "fc" not in by_name
+    # Gram of conv1: C^2 HW forward, the same for 4 (G - A) F backward.
+    gram = [w for w in work.layers if w.kind == "gram"]
+    assert [(g.forward_macs, g.backward_macs) for g in gram] == [(4 * 4 * 576, 4 * 4 * 576)]
+    conv = 4 * 24 * 24 * 3 * 9 + 6 * 12 * 12 * 2 * 9 + 5 * 7 * 7 * 6 * 3
+    assert work.conv_flops == 2 * 2 * conv
+    assert work.total_flops == 2 * 2 * conv + 2 * 2 * 4 * 4 * 576
+
+
+def test_tiny_net_truncates_to_shallow_loss(tmp_path: Path) -> None:
+    work = count(_tiny(tmp_path), 24, 24, loss_blobs=["conv1"])
+    assert [w.name for w in work.layers] == ["conv1"]
+
+
+def test_whole_net_forward_includes_fc(tmp_path: Path) -> None:
+    work = count(_tiny(tmp_path), 24, 24)
+    fc = next(w for w in work.layers if w.name == "fc")
+    assert fc.forward_macs == 7 * 5 * 7 * 7
+
+
+def test_vgg16_forward_at_224_is_the_known_figure() -> None:
+    work = count(read_prototxt(get_model("vgg16").prototxt), 224, 224)
+    # Per layer H W C_in C_out 9, worked out by hand: 6 layers of 1,849,688,064 (conv1_2, conv2_2, conv3_2,
+    # conv3_3, conv4_2, conv4_3), 3 of 924,844,032 (conv2_1, conv3_1, conv4_1), 3 of 462,422,016 (conv5_x) and
+    # conv1_1's 86,704,128.
+    conv = 6 * 1_849_688_064 + 3 * 924_844_032 + 3 * 462_422_016 + 86_704_128
+    assert work.conv_forward_macs == conv == 15_346_630_656
+    fc = 25088 * 4096 + 4096 * 4096 + 4096 * 1000
+    assert work.forward_macs == conv + fc
+    # The commonly quoted figure: about 15.5 GMACs, 30.9 GFLOP.
+    assert 2 * work.forward_macs / 1e9 == pytest.approx(30.94, abs=0.01)
+
+
+def test_vgg19_preset_at_512_by_384() -> None:
+    work = count_model("vgg19", 384, 512)
+    names = [w.name for w in work.layers if w.kind == "conv"]
+    # Cut after conv5_1, the deepest preset blob: 2 + 2 + 4 + 4 + 1 convolutions.
+    assert names[-1] == "conv5_1" and len(names) == 13
+    assert work.conv_backward_macs == work.conv_forward_macs
+    hw = 384 * 512
+    by_hand = (hw * 9 * (3 * 64 + 64 * 64) + hw // 4 * 9 * (64 * 128 + 128 * 128)
+               + hw // 16 * 9 * (128 * 256 + 3 * 256 * 256) + hw // 64 * 9 * (256 * 512 + 3 * 512 * 512)
+               + hw // 256 * 9 * 512 * 512)
+    assert work.conv_forward_macs == by_hand
+    grams = {w.name: w.forward_macs for w in work.layers if w.kind == "gram"}
+    assert grams == {"conv1_1": 64 * 64 * hw, "conv2_1": 128 * 128 * hw // 4, "conv3_1": 256 * 256 * hw // 16,
+                     "conv4_1": 512 * 512 * hw // 64, "conv5_1": 512 * 512 * hw // 256}
+
+
+def test_googlenet_and_caffenet_forward_at_224() -> None:
+    # Known orders of magnitude for the whole nets: GoogLeNet about 1.5 GMACs, CaffeNet (grouped) about 0.72.
+    g = count(read_prototxt(get_model("googlenet").prototxt), 224, 224)
+    c = count(read_prototxt(get_model("caffenet").prototxt), 224, 224)
+    assert 1.4e9 < g.forward_macs < 1.7e9
+    assert 0.70e9 < c.forward_macs < 0.74e9
+
+
+def test_markdown_table_marks_unavailable_engines() -> None:
+    ok = Row("vgg19", 512, "torch", "torch", "ready", height=384, width=512, walls=[2.0, 3.0, 2.5],
+             cpus=[4.0, 5.0, 4.5], minflts=[0, 0, 0], conv_gflop=284.0, floor_s=2.0, cpu_floor_s=4.0)
+    missing = Row("vgg19", 512, "caffe", "caffe", "unavailable", reason="ModuleNotFoundError: No module named 'caffe'")
+    text = markdown([Group("vgg19", 512, [ok, missing], [])])
+    lines = text.splitlines()
+    assert len({line.count("|") for line in lines}) == 1
+    assert "| 2.500 |" in lines[2] and "| 1.250 |" in lines[2]
+    assert "unavailable: ModuleNotFoundError" in lines[3]
+
+
+@pytest.mark.parametrize("param", [Colour(), Spectral(12, 17)])
+def test_reparametrisations_have_true_adjoints_and_inverses(param: Colour | Spectral) -> None:
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((3, 12, 17))
+    g = rng.standard_normal((3, 12, 17))
+    assert np.vdot(param.forward(y), g) == pytest.approx(np.vdot(y, param.adjoint(g)), rel=1e-10)
+    np.testing.assert_allclose(param.inverse(param.forward(y)), y, atol=1e-10)
+
+
+def _engines_and_objective(tmp_path: Path, tunings: list[Tuning], precision: str = "fp32"
+                           ) -> tuple[list[TorchEngine], np.ndarray]:
+    proto, model = tinynets.write_net(tmp_path)
+    net = load_net(proto, model, ["conv1", "conv2", "conv3"], "avg")
+    rng = np.random.default_rng(5)
+    reference = TorchEngine(net, "avg", tuning=Tuning.plain())
+    styles = [rng.uniform(-100, 100, (3, 20, 20)).astype(np.float32) for _ in range(2)]
+    content = rng.uniform(-100, 100, (3, 16, 16)).astype(np.float32)
+    style_layers = {"conv1": 0.5, "conv2": 0.3, "conv3": 0.2}
+    grams = [{k: gram_numpy(v) for k, v in reference.features(s, list(style_layers)).items()} for s in styles]
+    objective = Objective(content_weights={"conv2": 1.0, "conv3": 0.5}, style_weights=style_layers, ratio=1e3,
+                          content_targets=reference.features(content, ["conv2", "conv3"]),
+                          style_targets={k: np.stack([g[k] for g in grams]) for k in style_layers},
+                          style_blend=np.array([0.7, 0.3]), tv_weight=0.01)
+    engines = [reference] + [TorchEngine(net, "avg", tuning=t, precision=precision) for t in tunings]
+    for e in engines:
+        e.set_objective(objective)
+    return engines, rng.uniform(-100, 100, (3, 16, 16)).astype(np.float32)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+@pytest.mark.parametrize("winograd_min_pixels", [0, 10**9])
+def test_speed_choices_keep_the_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        winograd_min_pixels: int) -> None:
+    """Every speed choice, alone and together, gives the plain formulation's loss, terms and gradient, within
+    float32 rounding (Winograd convolutions round differently from direct ones, by about 1e-6 of the norm).
+    The tiny net's maps are below the size where Winograd pays, so both sides of that switch are forced."""
+    import style_transfer.engines.torch as torch_engine
+
+    monkeypatch.setattr(torch_engine, "_WINOGRAD_MIN_PIXELS", winograd_min_pixels)
+    calls: list[int] = []
+    apply = torch_engine._WinogradConv.apply
+
+    def counting(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return apply(*args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(torch_engine._WinogradConv, "apply", counting)
+    tunings = [Tuning(), Tuning(channels_last=False), Tuning(manual_loss_grad=False), Tuning(winograd=False),
+               Tuning(winograd=True, channels_last=False), Tuning(inplace_relu=False, channels_last=True)]
+    engines, x = _engines_and_objective(tmp_path, tunings)
+    assert any(op.winograd for op in engines[1]._ops)
+    assert not any(op.winograd for op in engines[4]._ops)
+    want = engines[0].evaluate(x)
+    for engine in engines[1:]:
+        got = engine.evaluate(x)
+        assert got.loss == pytest.approx(want.loss, rel=1e-5)
+        for key in want.layers:
+            assert got.layers[key] == pytest.approx(want.layers[key], rel=1e-4, abs=1e-6 * want.loss)
+        assert got.style_loss == pytest.approx(want.style_loss, rel=1e-5)
+        assert got.tv_loss == pytest.approx(want.tv_loss, rel=1e-5)
+        assert got.grad.flags.c_contiguous and got.grad.dtype == np.float32 and got.grad.shape == x.shape
+        assert _rel(got.grad, want.grad) < 1e-4
+        feats = engine.features(x, ["conv1", "conv3"])
+        ref = engines[0].features(x, ["conv1", "conv3"])
+        for k in ref:
+            assert feats[k].shape == ref[k].shape and feats[k].flags.c_contiguous
+            assert _rel(feats[k], ref[k]) < 1e-5
+    assert bool(calls) == (winograd_min_pixels == 0)
+
+
+def test_evaluations_do_not_share_gradient_memory(tmp_path: Path) -> None:
+    engines, x = _engines_and_objective(tmp_path, [Tuning()])
+    first = engines[1].evaluate(x)
+    kept = first.grad.copy()
+    engines[1].evaluate(x + 1.0)
+    np.testing.assert_array_equal(first.grad, kept)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precisions_run_and_stay_close(tmp_path: Path, precision: str) -> None:
+    """The autocast modes (meant for CUDA) run on the CPU too, which checks their logic here: finite results near
+    float32's, and float16's scaling of the injected gradients undone."""
+    engines, x = _engines_and_objective(tmp_path, [Tuning()], precision=precision)
+    want, got = engines[0].evaluate(x), engines[1].evaluate(x)
+    assert np.isfinite(got.loss) and np.all(np.isfinite(got.grad))
+    assert got.loss == pytest.approx(want.loss, rel=0.1)
+    cosine = np.vdot(got.grad, want.grad) / (np.linalg.norm(got.grad) * np.linalg.norm(want.grad))
+    assert cosine > 0.98
+
+
+def test_precision_is_checked(tmp_path: Path) -> None:
+    proto, model = tinynets.write_net(tmp_path)
+    net = load_net(proto, model, ["conv1"], "avg")
+    with pytest.raises(EngineError, match="precision"):
+        TorchEngine(net, "avg", precision="fp8")
+    with pytest.raises(EngineError, match="float32"):
+        TorchEngine(net, "avg", dtype=torch.float64, precision="bf16")
