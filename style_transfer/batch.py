@@ -439,7 +439,6 @@ def _stylize(task: Task, report: dict[str, Any]) -> Outcome:
         final_eval = last.evaluation
     else:
         final_eval = model.engine.evaluate(final)
-    evaluations = run.evaluations
     rgb = run.to_rgb(final)
     if opts["original_colors"]:
         from style_transfer.colors import original_colors
@@ -447,21 +446,9 @@ def _stylize(task: Task, report: dict[str, Any]) -> Outcome:
         rgb = original_colors(rgb, images.resize_to(content, rgb.shape[0], rgb.shape[1]))
     report.update({
         "engine": opts["engine"],
-        "device": model.engine.device,
         "model": model.model,
-        "width": int(final.shape[2]),
-        "height": int(final.shape[1]),
         "iterations": last.iteration if last is not None else 0,
-        "evaluations": evaluations,
-        "loss": final_eval.loss,
-        "style_loss": final_eval.style_loss,
-        "content_loss": final_eval.content_loss,
-        "tv_loss": final_eval.tv_loss,
-        "layers": final_eval.layers,
-        "seconds": seconds,
-        "setup_seconds": setup_seconds,
-        "seconds_per_evaluation": seconds / evaluations if evaluations else None,
-        "scales": [{"length": length, "iterations": n} for length, n in run.plan],
+        **run.report(final, final_eval, seconds, setup_seconds),
         "stop_reason": result.message,
         "threads": _torch_threads(),
         "notices": notices,

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -155,6 +156,25 @@ class Stylization:
     @staticmethod
     def to_rgb(x: np.ndarray) -> np.ndarray:
         return images.deprocess(x)
+
+    def report(self, image: np.ndarray, evaluation: Evaluation, seconds: float, setup_seconds: float
+               ) -> dict[str, Any]:
+        """The run's numbers for a JSON report (the CLI and batch jobs add their own fields)."""
+        return {
+            "device": self.transfer.engine.device,
+            "width": int(image.shape[2]),
+            "height": int(image.shape[1]),
+            "evaluations": self.evaluations,
+            "loss": evaluation.loss,
+            "style_loss": evaluation.style_loss,
+            "content_loss": evaluation.content_loss,
+            "tv_loss": evaluation.tv_loss,
+            "layers": evaluation.layers,
+            "seconds": seconds,
+            "setup_seconds": setup_seconds,
+            "seconds_per_evaluation": seconds / self.evaluations if self.evaluations else None,
+            "scales": [{"length": length, "iterations": n} for length, n in self.plan],
+        }
 
 
 class StyleTransfer:
