@@ -70,7 +70,7 @@ REQUIRED_COLUMNS = ("style", "content", "output")
 OPTION_COLUMNS = ("model", "ratio", "num_iters", "length", "init", "seed", "pooling", "style_scale", "tv_weight",
                   "lbfgs_memory", "engine", "gpu", "weights", "prototxt", "style_layers", "content_layers",
                   "models_dir", "style_weights", "max_pixels", "scales", "min_length", "color_match",
-                  "original_colors")
+                  "original_colors", "precision")
 _FLAG_OPTIONS = ("original_colors",)
 _TRUE = ("1", "yes", "true", "y", "on")
 _FALSE = ("0", "no", "false", "n", "off")
@@ -84,7 +84,7 @@ _NOT_IN_BATCH = {"style": "-s/--style-img", "content": "-c/--content-img", "outp
 _NOT_FINGERPRINTED = frozenset({"gpu", "models_dir", "max_pixels", "verbose", "download_missing"})
 # What identifies a loaded net in a worker's cache.
 _MODEL_KEY = ("model", "prototxt", "weights", "models_dir", "style_layers", "content_layers", "pooling", "engine",
-              "gpu")
+              "gpu", "precision")
 _MODEL_CACHE_SIZE = 3
 
 
@@ -343,7 +343,7 @@ def _loaded_model(options: dict[str, Any]) -> tuple[StyleTransfer, bool]:
                           models_dir=options["models_dir"], style_layers=options["style_layers"],
                           content_layers=options["content_layers"], pooling=options["pooling"],
                           engine=options["engine"], gpu=options["gpu"], verbose=options["verbose"],
-                          download_missing=options["download_missing"])
+                          download_missing=options["download_missing"], precision=options["precision"])
     _MODELS[key] = model
     while len(_MODELS) > _MODEL_CACHE_SIZE:
         _MODELS.popitem(last=False)

@@ -38,6 +38,13 @@ class Result:
     image: np.ndarray | None = None  # scipy's final x, float32 3 x H x W
 
 
+def lbfgsb_options(max_iter: int, memory: int = 8, ftol: float = 0.0, gtol: float = 0.0) -> dict[str, Any]:
+    """scipy's L-BFGS-B options as the tool runs it (benchmarks reuse them to time exactly this optimiser)."""
+    # ftol/gtol of 0 and a generous maxfun make maxiter the only ordinary stop, as the original intended.
+    return {"maxiter": max_iter, "maxcor": memory, "ftol": ftol, "gtol": gtol, "maxfun": max(15000, 4 * max_iter),
+            "maxls": 40}
+
+
 class _Stop(Exception):
     pass
 
@@ -97,12 +104,9 @@ class LBFGSB:
 
         def work() -> None:
             try:
-                # ftol/gtol of 0 and a generous maxfun make maxiter the only ordinary stop, as the original intended.
                 res = minimize(self._fun, self.x0, jac=True, method="L-BFGS-B", bounds=self.bounds,
                                callback=callback,
-                               options={"maxiter": self.max_iter, "maxcor": self.memory, "ftol": self.ftol,
-                                        "gtol": self.gtol, "maxfun": max(15000, 4 * self.max_iter),
-                                        "maxls": 40})
+                               options=lbfgsb_options(self.max_iter, self.memory, self.ftol, self.gtol))
                 handoff.put(("done", res))
             except _Stop:
                 handoff.put(("stopped", None))

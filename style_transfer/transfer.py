@@ -162,6 +162,7 @@ class Stylization:
         """The run's numbers for a JSON report (the CLI and batch jobs add their own fields)."""
         return {
             "device": self.transfer.engine.device,
+            "precision": self.transfer.engine.precision,
             "width": int(image.shape[2]),
             "height": int(image.shape[1]),
             "evaluations": self.evaluations,
@@ -185,7 +186,7 @@ class StyleTransfer:
                  style_layers: str | Mapping[str, float] | None = None,
                  content_layers: str | Mapping[str, float] | None = None, pooling: str = "avg",
                  engine: str = "torch", gpu: int = 0, verbose: bool = False,
-                 download_missing: bool = False) -> None:
+                 download_missing: bool = False, precision: str = "fp32") -> None:
         if pooling not in ("avg", "max"):
             raise StyleTransferError(f"--pooling must be avg or max, got {pooling!r}")
         self.notices: list[str] = []
@@ -215,7 +216,7 @@ class StyleTransfer:
         blobs = list(dict.fromkeys([*self.style_weights, *self.content_weights]))
         self.net = load_net(prototxt_path, weights_path, blobs, pooling)
         self.pooling = pooling
-        self.engine, notice = create_engine(engine, self.net, pooling, gpu, verbose)
+        self.engine, notice = create_engine(engine, self.net, pooling, gpu, verbose, precision)
         if notice:
             self.notices.append(notice)
 

@@ -187,6 +187,9 @@ def test_fingerprint_follows_what_a_job_computes(tmp_path: Path) -> None:
     assert job(",0", ",gpu").fingerprint == plain  # where it runs is not what it computes
     assert job(",9", ",seed").fingerprint != plain
     assert job(",2", ",scales").fingerprint != plain
+    half = job(",bf16", ",precision")
+    assert half.options["precision"] == "bf16" and half.fingerprint != plain
+    assert job(",fp8", ",precision").problem is not None
 
 
 @pytest.mark.parametrize(("text", "message"), [

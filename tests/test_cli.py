@@ -63,6 +63,22 @@ def test_run_writes_image_and_report(tmp_path: Path, pair: tuple[Path, Path], ti
     assert "Traceback" not in res.stderr
 
 
+def test_half_precision_run_reports_it_and_lands_near_fp32(tmp_path: Path, pair: tuple[Path, Path],
+                                                          tiny: list[str]) -> None:
+    style, content = pair
+    results = {}
+    for precision in ("fp32", "bf16"):
+        report = tmp_path / f"{precision}.json"
+        res = run_style("-s", str(style), "-c", str(content), *tiny, "-l", "32", "-n", "8", "--precision", precision,
+                        "-o", str(tmp_path / f"{precision}.png"), "--report", str(report))
+        assert res.returncode == 0, res.stderr
+        results[precision] = json.loads(report.read_text())
+    assert results["bf16"]["precision"] == "bf16" and results["fp32"]["precision"] == "fp32"
+    # bfloat16 keeps 8 bits of mantissa: the same optimisation lands at a similar, not identical, objective.
+    assert results["bf16"]["loss"] == pytest.approx(results["fp32"]["loss"], rel=0.1)
+    assert results["bf16"]["loss"] != results["fp32"]["loss"]
+
+
 def test_default_output_name(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str]) -> None:
     style, content = pair
     res = run_style("-s", str(style), "-c", str(content), *tiny, "-l", "24", "-n", "2", "-r", "1e3", "-i", "mixed",
@@ -95,6 +111,8 @@ def test_noise_init_is_reproducible_with_seed(tmp_path: Path, pair: tuple[Path, 
     (["-i", "nonsense"], "-i/--init"),
     (["--style-layers", "conv9"], "no blob 'conv9'"),
     (["--engine", "tf"], "--engine"),
+    (["--precision", "fp8"], "--precision"),
+    (["--engine", "caffe", "--precision", "bf16"], "--precision bf16 needs the torch engine"),
     (["-o", "out.xyz"], "xyz"),
 ])
 def test_bad_flags_give_one_line_errors(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str], extra: list[str],

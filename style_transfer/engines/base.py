@@ -11,6 +11,9 @@ import numpy as np
 from style_transfer.caffe_model.net import Net
 from style_transfer.losses import Objective
 
+# Arithmetic of the torch engine's convolutions: float32, or bfloat16/float16 autocast with Gram matrices in float32.
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 @dataclass
 class Evaluation:
@@ -26,6 +29,7 @@ class Engine(ABC):
     """A net ready to run on one device. `net` has weights attached and may be truncated to the blobs in use."""
 
     name: str = "?"
+    precision: str = "fp32"
 
     def __init__(self, net: Net, pooling: str, device: str) -> None:
         self.net = net

@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from style_transfer.caffe_model.net import Layer, Net, concat_axis, conv_geometry, pool_geometry
-from style_transfer.engines.base import Engine, Evaluation
+from style_transfer.engines.base import PRECISIONS, Engine, Evaluation
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import Objective, style_scale, tv_loss_torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
