@@ -63,16 +63,18 @@ def build_net(model: str, pooling: str = "avg") -> tuple[Net, str]:
 
 
 def build_case(model: str, engine_name: str, length: int, *, pooling: str = "avg", gpu: int = -1,
-               ratio: float = 1e4, style_scale: float = 1.2, engine: Engine | None = None) -> Case:
-    """The preset objective of `model` for Tübingen in the style of Starry Night at `length` px (long side)."""
+               ratio: float = 1e4, style_scale: float = 1.2, engine: Engine | None = None,
+               content_path: Path = CONTENT, style_path: Path = STYLE) -> Case:
+    """The preset objective of `model` for Tübingen in the style of Starry Night (or the given pair) at `length` px
+    (long side)."""
     info = get_model(model)
     if engine is None:
         net, kind = build_net(model, pooling)
         engine, _notice = create_engine(engine_name, net, pooling, gpu)
     else:
         kind = weights_for(model)[1]
-    content = images.resize_long_side(load_rgb(CONTENT, 1), length)
-    style = images.resize_long_side(load_rgb(STYLE, 2), round(length * style_scale))
+    content = images.resize_long_side(load_rgb(content_path, 1), length)
+    style = images.resize_long_side(load_rgb(style_path, 2), round(length * style_scale))
     style_feats = engine.features(images.preprocess(style), list(info.style_layers))
     content_x = images.preprocess(content)
     content_feats = engine.features(content_x, list(info.content_layers))

@@ -225,6 +225,34 @@ def markdown(groups: Sequence[Group], reference: str = "caffe") -> str:
     return "\n".join(lines)
 
 
+def compact(groups: Sequence[Group], reference: str = "caffe") -> str:
+    """The short table for BENCHMARKS.md: median seconds, the floor ratio (median and best), peak RSS, and the
+    ratio to the reference row of the group."""
+    lines = [f"| model | size | engine | s / eval | s / floor | best / best floor | peak RSS MB | x {reference} |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        ref = next((r for r in g.rows if r.label == reference and r.walls), None)
+        for row in g.rows:
+            if not row.walls:
+                lines.append(f"| {row.model} | {row.length} px | {row.label} | {row.status}: {row.reason} | | | | |")
+                continue
+            versus = f"{row.wall / ref.wall:.2f}" if ref is not None else "-"
+            lines.append(f"| {row.model} | {row.height}x{row.width} | {row.label} | {row.wall:.3f} | {row.ratio:.2f} "
+                         f"| {row.best_ratio:.2f} | {row.peak_rss_mb:.0f} | {versus} |")
+    return "\n".join(lines)
+
+
+def load(path: Path) -> tuple[list[Group], dict[str, Any]]:
+    """Groups saved by `save`, for rendering again."""
+    data = json.loads(path.read_text())
+    groups = []
+    for g in data["groups"]:
+        rows = [Row(**r) for r in g["rows"]]
+        probes = [Probe(**p) for p in g["probes"]]
+        groups.append(Group(g["model"], g["length"], rows, probes))
+    return groups, dict(data.get("machine", {}))
+
+
 def probe_summary(groups: Sequence[Group]) -> str:
     tps = [p.throughput / 1e9 for g in groups for p in g.probes]
     if not tps:
@@ -249,17 +277,33 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--gpu", type=int, default=-1, help="CUDA device for every engine; -1 (default) is the CPU")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every worker (0: the engines' choice)")
+    ap.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="environment for every worker, set before torch loads (e.g. GOMP_SPINCOUNT=10000)")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "evaluations.json")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="print the tables of a saved run and stop")
+    ap.add_argument("--reference", default="caffe", help="row label the last column compares with")
     args = ap.parse_args()
+    if args.render:
+        saved, saved_info = load(args.render)
+        print("Machine: " + ", ".join(f"{k} {v}" for k, v in saved_info.items()))
+        print(probe_summary(saved))
+        print()
+        print(compact(saved, args.reference))
+        print()
+        print(markdown(saved, args.reference))
+        return
     info = machine()
+    if args.env:
+        info["worker_env"] = " ".join(args.env)
     started = time.time()
     probe = SgemmProbe(gpu=args.gpu)
     groups = []
     for model in args.models:
         for length in args.lengths:
             print(f"{model} at {length} px", flush=True)
-            variants = [(e, {"engine": e, **({"threads": args.threads} if args.threads else {})})
+            env = dict(item.split("=", 1) for item in args.env)
+            variants = [(e, {"engine": e, "env": env, **({"threads": args.threads} if args.threads else {})})
                         for e in args.engines]
             groups.append(run_group(model, length, variants, args.repeats, args.warmup, args.gpu, args.verbose,
                                     probe))
@@ -270,6 +314,8 @@ def main() -> None:
     print()
     print("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print(probe_summary(groups))
+    print()
+    print(compact(groups))
     print()
     print(markdown(groups))
 

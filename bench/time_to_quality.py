@@ -28,11 +28,13 @@ counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -55,18 +57,29 @@ class Variant:
     memory: int
     engine: str = "fast"  # "fast" (today's engine) or "plain" (the engine as first committed)
     param: str = "pixels"  # "pixels", "colour" or "dct"
+    precision: str = "fp32"  # the torch engine's precision; "bf16" objectives are re-measured in fp32 off the clock
 
 
 VARIANTS = {v.name: v for v in [
     Variant("plain-m8", 8, engine="plain"),
     Variant("m8", 8),
+    Variant("m12", 12),
     Variant("m20", 20),
     Variant("m50", 50),
+    Variant("bf16-m12", 12, precision="bf16"),
+    Variant("bf16-m20", 20, precision="bf16"),
     Variant("colour-m8", 8, param="colour"),
     Variant("colour-m20", 20, param="colour"),
     Variant("dct-m8", 8, param="dct"),
     Variant("dct-m20", 20, param="dct"),
 ]}
+
+# Snapshots of the iterate are saved when a run's clock passes these seconds (and at its end), for side-by-side
+# images at equal wall time.
+SNAPSHOT_SECONDS = (30, 60, 120, 240, 480)
+# A bf16 run's own objective values carry bf16 rounding; every this many iterations (and at the end) the iterate is
+# evaluated again in float32, off the clock, and those values are the run's curve.
+RECHECK_EVERY = 4
 
 
 class Parametrisation:
@@ -125,7 +138,7 @@ class Spectral(Parametrisation):
         return np.asarray(dctn(x, axes=(1, 2), norm="ortho")) / self.s
 
 
-def _make_engine(kind: str, model: str) -> Any:
+def _make_engine(kind: str, model: str, precision: str = "fp32") -> Any:
     from bench.common import build_net
     from bench.worker import _module_at_revision
     from style_transfer.engines.torch import TorchEngine
@@ -135,38 +148,84 @@ def _make_engine(kind: str, model: str) -> Any:
         from bench.torch_variants import BASELINE_REV
 
         return _module_at_revision(BASELINE_REV, "style_transfer/engines/torch.py").TorchEngine(net, "avg", "cpu")
-    return TorchEngine(net, "avg", "cpu")
+    return TorchEngine(net, "avg", "cpu", precision=precision)
 
 
 class Gate:
-    """Turn-taking with the driver: an evaluation starts only when the driver says so (one at a time across all
-    runs), so every run meets the same machine, evaluation by evaluation."""
+    """Turn-taking with the driver. A run holds the machine from the driver's "go" until it asks for the next turn,
+    so one turn is one evaluation plus the optimiser's own work after it, and nothing of two runs ever overlaps:
+    every run meets the same machine and its clock can be plain wall time."""
 
     def __init__(self, inbox: IO[str] | None, outbox: IO[str] | None) -> None:
         self.inbox, self.outbox = inbox, outbox
+        self.holding = False
 
-    def wait(self) -> None:
+    def acquire(self) -> None:
+        if self.holding:
+            return
         if self.inbox is not None:
             self.inbox.readline()
+        self.holding = True
 
-    def release(self, message: str = "done") -> None:
+    def release(self) -> None:
+        if not self.holding:
+            return
         if self.outbox is not None:
-            self.outbox.write(message + "\n")
+            self.outbox.write("done\n")
             self.outbox.flush()
+        self.holding = False
 
 
-def run_variant(variant: Variant, length: int, iters: int, model: str = "vgg16", gate: Gate | None = None
-                ) -> dict[str, Any]:
-    """One optimisation on its own clock: the wall time of its evaluations (including the parametrisation's
-    transforms) plus the CPU time of the optimiser's own work between them."""
+class Clock:
+    """Wall seconds spent in a run's turns, less the pauses (snapshots, float32 re-checks) taken inside them."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.since: float | None = None
+
+    def start(self) -> None:
+        self.since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.since is not None:
+            self.total += time.perf_counter() - self.since
+            self.since = None
+
+    def now(self) -> float:
+        return self.total + (time.perf_counter() - self.since if self.since is not None else 0.0)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        running = self.since is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self.start()
+
+
+def run_variant(variant: Variant, length: int, iters: int, model: str = "vgg16", gate: Gate | None = None,
+                snapshots: Path | None = None, pair: tuple[Path, Path] | None = None,
+                seconds: float | None = None) -> dict[str, Any]:
+    """One optimisation with the tool's optimiser options, timed on its own clock (its turns' wall time).
+    `pair` is (content, style), by default Tübingen and Starry Night; `seconds` ends the run when its clock
+    passes that many seconds."""
     from scipy.optimize import minimize
 
     from bench.common import build_case
+    from style_transfer import images
+    from style_transfer.optimize import lbfgsb_options
 
     gate = gate or Gate(None, None)
-    engine = _make_engine(variant.engine, model)
-    case = build_case(model, "torch", length, engine=engine)
-    case.engine.evaluate(case.x0)  # warm-up outside the clock, as a run's set-up is not what is compared
+    gate.acquire()  # set-up and warm-up in a turn of their own, off the clock
+    engine = _make_engine(variant.engine, model, variant.precision)
+    images_kw = {} if pair is None else {"content_path": pair[0], "style_path": pair[1]}
+    case = build_case(model, "torch", length, engine=engine, **images_kw)
+    case.engine.evaluate(case.x0)
+    checker = None
+    if variant.precision != "fp32":
+        checker = build_case(model, "torch", length, engine=_make_engine("fast", model), **images_kw).engine
     shape = case.x0.shape
     lower, upper = case.lower.astype(np.float64), case.upper.astype(np.float64)
     param: Parametrisation
@@ -176,14 +235,30 @@ def run_variant(variant: Variant, length: int, iters: int, model: str = "vgg16",
         param = Spectral(shape[1], shape[2])
     else:
         param = Parametrisation()
+    clock = Clock()
     evals: list[tuple[float, float]] = []  # (clock, objective)
     iterations: list[tuple[float, float, int]] = []  # (clock, objective at the iterate, evaluations so far)
-    clock = {"total": 0.0, "left": time.thread_time()}
+    pending = list(SNAPSHOT_SECONDS)
+    saved: list[tuple[float, int, str]] = []
+
+    def image_of(v: np.ndarray) -> np.ndarray:
+        return np.clip(param.forward(np.asarray(v).reshape(shape)), lower, upper).astype(np.float32)
+
+    def snapshot(v: np.ndarray, at: float, label: str) -> None:
+        if snapshots is None:
+            return
+        with clock.paused():
+            snapshots.mkdir(parents=True, exist_ok=True)
+            out = snapshots / f"{variant.name}-{label}.png"
+            images.save_image(out, images.deprocess(image_of(v)))
+            saved.append((at, len(iterations), out.name))
 
     def fun(v: np.ndarray) -> tuple[float, np.ndarray]:
-        clock["total"] += time.thread_time() - clock["left"]
-        gate.wait()
-        t0 = time.perf_counter()
+        # Asking for the next evaluation ends this run's turn; the clock runs only inside turns.
+        clock.stop()
+        gate.release()
+        gate.acquire()
+        clock.start()
         y = v.reshape(shape)
         x = param.forward(y)
         xc = np.clip(x, lower, upper)
@@ -192,29 +267,67 @@ def run_variant(variant: Variant, length: int, iters: int, model: str = "vgg16",
         if variant.param != "pixels":
             # The projection's derivative: pixels held at a bound do not move with y.
             g = param.adjoint(np.where(xc == x, g, 0.0))
-        clock["total"] += time.perf_counter() - t0
-        gate.release()
-        evals.append((clock["total"], ev.loss))
-        clock["left"] = time.thread_time()
+        evals.append((clock.now(), ev.loss))
         return ev.loss, g.ravel()
 
     def callback(intermediate_result: Any) -> None:
-        now = clock["total"] + time.thread_time() - clock["left"]
-        iterations.append((now, float(intermediate_result.fun), len(evals)))
+        now = clock.now()
+        v = np.asarray(intermediate_result.x)
+        objective = float(intermediate_result.fun)
+        if checker is not None:
+            if (len(iterations) + 1) % RECHECK_EVERY and len(iterations) + 1 < iters:
+                iterations.append((now, float("nan"), len(evals)))
+                return
+            with clock.paused():
+                objective = float(checker.evaluate(image_of(v)).loss)
+        iterations.append((now, objective, len(evals)))
+        while pending and now >= pending[0]:
+            snapshot(v, now, f"{pending.pop(0):04d}s")
+        if seconds is not None and now >= seconds:
+            raise StopIteration  # scipy ends the run and returns this iterate
 
     y0 = param.inverse(np.clip(case.x0.astype(np.float64), lower, upper))
     bounds = None
     if variant.param == "pixels":
         bounds = np.stack([lower.ravel(), upper.ravel()], axis=1)
-    # The options of the tool's optimiser: iterations are the only ordinary stop.
+    gate.release()
     res = minimize(fun, y0.ravel(), jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
-                   options={"maxiter": iters, "maxcor": variant.memory, "ftol": 0.0, "gtol": 0.0,
-                            "maxfun": max(15000, 4 * iters), "maxls": 40})
-    final = np.clip(param.forward(np.asarray(res.x).reshape(shape)), lower, upper)
+                   options=lbfgsb_options(iters, variant.memory))
+    end = clock.now()
+    clock.stop()
+    snapshot(res.x, end, "end")
+    gate.release()
+    final = image_of(res.x)
     at_bounds = float(np.mean((final <= lower + 1e-3) | (final >= upper - 1e-3)))
     return {"variant": variant.name, "memory": variant.memory, "engine": variant.engine, "param": variant.param,
-            "length": length, "height": shape[1], "width": shape[2], "iters": iters, "evals": evals,
-            "iterations": iterations, "message": str(res.message), "fraction_at_bounds": at_bounds}
+            "precision": variant.precision, "length": length, "height": shape[1], "width": shape[2],
+            "iters": iters, "evals": evals, "iterations": iterations, "snapshots": saved,
+            "message": str(res.message), "fraction_at_bounds": at_bounds}
+
+
+def lbfgsb_overhead(n: int, memory: int, iters: int = 40, seed: int = 0) -> float:
+    """CPU seconds per iteration that scipy's L-BFGS-B spends on its own work (the objective excluded) for `n`
+    bounded variables: a badly scaled quadratic whose minimum lies outside the box for about 8% of them, so that
+    the generalised Cauchy point meets bounds as it does in style transfer."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(seed)
+    scale = np.exp(rng.uniform(-3, 3, n))
+    centre = rng.uniform(-1.0, 1.0, n) * 1.08
+    spent = {"fun": 0.0}
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        t0 = time.thread_time()
+        d = x - centre
+        out = float(0.5 * np.dot(scale * d, d)), scale * d
+        spent["fun"] += time.thread_time() - t0
+        return out
+
+    bounds = np.tile([-1.0, 1.0], (n, 1))
+    t0 = time.thread_time()
+    res = minimize(fun, np.zeros(n), jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": iters, "maxcor": memory, "ftol": 0.0, "gtol": 0.0, "maxls": 40})
+    return (time.thread_time() - t0 - spent["fun"]) / max(1, int(res.nit))
 
 
 def time_to(run: dict[str, Any], target: float) -> float | None:
@@ -234,18 +347,21 @@ def report(path: Path, plot: bool = True) -> str:
     ref_time = ref["iterations"][-1][0]
     lines = [f"Target: the objective of `{ref['variant']}` after {len(ref['iterations'])} iterations, "
              f"{target:.4g}, reached in {ref_time:.0f} s.", "",
-             "| variant | s / evaluation (median) | evaluations / iteration | objective after the reference's time "
-             "| time to target | speed-up | pixels at a bound |", "|---|---|---|---|---|---|---|"]
+             "| variant | iterations | s / evaluation, optimiser included (median) | objective at the reference's "
+             "time | time to target | speed-up | time to 1.001 x target | speed-up | pixels at a bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    ref_near = time_to(ref, target * 1.001) or ref_time
     for r in runs:
         walls = np.diff([0.0] + [e[0] for e in r["evals"]])
         per_eval = float(np.median(walls)) if len(walls) else float("nan")
-        per_iter = len(r["evals"]) / max(1, len(r["iterations"]))
-        reached = time_to(r, target)
-        at_ref_time = [obj for wall, obj, _ in r["iterations"] if wall <= ref_time]
-        lines.append(f"| {r['variant']} | {per_eval:.3f} | {per_iter:.2f} | "
+        at_ref_time = [obj for wall, obj, _ in r["iterations"] if wall <= ref_time and np.isfinite(obj)]
+        cells = []
+        for goal, base in ((target, ref_time), (target * 1.001, ref_near)):
+            reached = time_to(r, goal)
+            cells.append(f"{reached:.0f} s | {base / reached:.2f}x" if reached else "not reached | -")
+        lines.append(f"| {r['variant']} | {len(r['iterations'])} | {per_eval:.3f} | "
                      f"{(at_ref_time[-1] / target if at_ref_time else float('nan')):.3f} x target | "
-                     f"{(f'{reached:.0f} s' if reached is not None else 'not reached')} | "
-                     f"{(f'{ref_time / reached:.2f}x' if reached else '-')} | {r['fraction_at_bounds']:.2%} |")
+                     f"{cells[0]} | {cells[1]} | {r['fraction_at_bounds']:.2%} |")
     if plot:
         _plot(runs, target, path)
     return "\n".join(lines)
@@ -262,8 +378,8 @@ def _plot(runs: list[dict[str, Any]], target: float, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in runs:
-        t = [w for w, _o, _n in r["iterations"]]
-        o = [obj for _w, obj, _n in r["iterations"]]
+        t = [w for w, obj, _n in r["iterations"] if np.isfinite(obj)]
+        o = [obj for _w, obj, _n in r["iterations"] if np.isfinite(obj)]
         ax.plot(t, o, label=r["variant"], linestyle="--" if r["engine"] == "plain" else "-")
     ax.axhline(target, color="grey", linewidth=0.8)
     ax.set_yscale("log")
@@ -271,8 +387,9 @@ def _plot(runs: list[dict[str, Any]], target: float, path: Path) -> None:
     ax.set_ylabel("objective")
     first = runs[0]
     ax.set_title(f"VGG16, {first['height']}x{first['width']} px, single scale: objective against time")
-    finals = [r["iterations"][-1][1] for r in runs if r["iterations"]]
-    early = [r["iterations"][min(5, len(r["iterations"]) - 1)][1] for r in runs if r["iterations"]]
+    curves = [[obj for _w, obj, _n in r["iterations"] if np.isfinite(obj)] for r in runs]
+    finals = [c[-1] for c in curves if c]
+    early = [c[min(5, len(c) - 1)] for c in curves if c]
     ax.set_ylim(min(finals) * 0.9, max(early) * 1.1)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
@@ -289,7 +406,7 @@ def main() -> None:
     run = sub.add_parser("run")
     run.add_argument("--length", type=int, default=256)
     run.add_argument("--iters", type=int, default=512)
-    run.add_argument("--variants", nargs="+", default=["plain-m8", "m8", "m20", "m50", "colour-m8", "dct-m8"],
+    run.add_argument("--variants", nargs="+", default=["plain-m8", "m8", "m12", "m20", "bf16-m20"],
                      choices=list(VARIANTS))
     run.add_argument("--short-iters", type=int, default=0,
                      help="iterations for the colour and dct variants (0: as many as --iters); enough to see "
@@ -299,15 +416,37 @@ def main() -> None:
     one.add_argument("variant", choices=list(VARIANTS))
     one.add_argument("--length", type=int, default=256)
     one.add_argument("--iters", type=int, default=512)
+    one.add_argument("--snapshots", type=Path, help="folder for the iterate's images at equal wall times")
+    for p in (run, one):
+        p.add_argument("--content", type=Path, help="content image (default: Tübingen from ../shared)")
+        p.add_argument("--style", type=Path, help="style image (default: Starry Night from ../shared)")
+        p.add_argument("--seconds", type=float, help="end each run when its clock passes this many seconds")
     rep = sub.add_parser("report")
     rep.add_argument("json", type=Path)
+    sheet = sub.add_parser("sheet", help="the snapshots of some variants side by side at equal wall times")
+    sheet.add_argument("json", type=Path)
+    sheet.add_argument("--variants", nargs="+", required=True)
+    sheet.add_argument("--out", type=Path, required=True)
+    over = sub.add_parser("overhead", help="scipy's own CPU time per L-BFGS-B iteration by history and image size")
+    over.add_argument("--lengths", nargs="+", type=int, default=[256, 512])
+    over.add_argument("--memories", nargs="+", type=int, default=[8, 20, 50])
     args = ap.parse_args()
+    if args.command == "overhead":
+        print("| image (3 x H x W) | " + " | ".join(f"history {m}" for m in args.memories) + " |")
+        print("|---|" + "---|" * len(args.memories))
+        for length in args.lengths:
+            h, w = length * 3 // 4, length
+            cells = [f"{lbfgsb_overhead(3 * h * w, m) * 1e3:.0f} ms" for m in args.memories]
+            print(f"| 3 x {h} x {w} | " + " | ".join(cells) + " |")
+        return
     if args.command == "one":
         # The protocol runs on a private descriptor; library output goes to stderr.
         outbox = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)
         sys.stdout = sys.stderr
-        result = run_variant(VARIANTS[args.variant], args.length, args.iters, gate=Gate(sys.stdin, outbox))
+        pair = (args.content, args.style) if args.content and args.style else None
+        result = run_variant(VARIANTS[args.variant], args.length, args.iters, gate=Gate(sys.stdin, outbox),
+                             snapshots=args.snapshots, pair=pair, seconds=args.seconds)
         # The driver's next "go" is answered with the result instead of an evaluation.
         sys.stdin.readline()
         outbox.write(json.dumps(result) + "\n")
@@ -316,6 +455,11 @@ def main() -> None:
     if args.command == "report":
         print(report(args.json))
         return
+    if args.command == "sheet":
+        make_sheet(args.json, args.variants, args.out)
+        return
+    if (args.content is None) != (args.style is None):
+        ap.error("--content and --style go together")
     from bench.common import machine
 
     target = args.json or RESULTS / f"ttq-{args.length}.json"
@@ -329,9 +473,15 @@ def main() -> None:
         short = VARIANTS[name].param != "pixels" and args.short_iters
         return int(args.short_iters) if short else int(args.iters)
 
+    extra = [] if args.content is None else ["--content", str(args.content.resolve()), "--style",
+                                             str(args.style.resolve())]
+    if args.seconds:
+        extra += ["--seconds", str(args.seconds)]
     procs = {name: subprocess.Popen([sys.executable, "-m", "bench.time_to_quality", "one", name, "--length",
-                                     str(args.length), "--iters", str(iters_for(name))], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True, cwd=str(REPO)) for name in todo}
+                                     str(args.length), "--iters", str(iters_for(name)), "--snapshots",
+                                     str(target.with_name(target.stem + "-snapshots")), *extra],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+             for name in todo}
     count = 0
     while procs:
         for name, proc in list(procs.items()):
@@ -354,6 +504,39 @@ def main() -> None:
         if count % 50 == 0:
             print(f"  round {count}, load {_load()}", file=sys.stderr, flush=True)
     print(report(target))
+
+
+def make_sheet(path: Path, variants: list[str], out: Path) -> None:
+    """A grid of snapshots: one row per variant, one column per snapshot time (the same times for every row),
+    each tile labelled with the run's clock and its objective there."""
+    from PIL import Image, ImageDraw
+
+    data = json.loads(path.read_text())
+    runs = {r["variant"]: r for r in data["runs"]}
+    folder = path.with_name(path.stem + "-snapshots")
+    rows = []
+    for name in variants:
+        r = runs[name]
+        row = []
+        for at, n_iter, file in r["snapshots"]:
+            seen = [obj for wall, obj, _n in r["iterations"][:max(n_iter, 1)] if np.isfinite(obj)]
+            row.append((float(at), n_iter, seen[-1] if seen else float("nan"), folder / file))
+        rows.append((name, row))
+    columns = min(len(row) for _name, row in rows)
+    tiles = [[Image.open(f).convert("RGB") for *_rest, f in row[:columns]] for _name, row in rows]
+    w, h = tiles[0][0].size
+    label_h, pad = 34, 6
+    sheet = Image.new("RGB", (columns * (w + pad) + pad, len(rows) * (h + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, row) in enumerate(rows):
+        for j, (at, n_iter, objective, _file) in enumerate(row[:columns]):
+            x, y = pad + j * (w + pad), pad + i * (h + label_h + pad)
+            sheet.paste(tiles[i][j], (x, y + label_h))
+            draw.text((x + 2, y + 2), f"{name}: {at:.0f} s, iteration {n_iter}", fill="black")
+            draw.text((x + 2, y + 17), f"objective {objective:.4g}", fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out, quality=88)
+    print(f"wrote {out}", file=sys.stderr)
 
 
 def _load() -> str:

@@ -75,6 +75,8 @@ def serve(inbox: IO[str], outbox: IO[str]) -> None:
         outbox.flush()
 
     config = json.loads(inbox.readline())
+    # Settings that libraries read once, when torch loads them (OpenMP's spin count, for one): before any import.
+    os.environ.update({str(k): str(v) for k, v in config.get("env", {}).items()})
     if config.get("threads") or config.get("mkldnn") is False:
         import torch
 

@@ -210,3 +210,27 @@ def test_precision_is_checked(tmp_path: Path) -> None:
         TorchEngine(net, "avg", precision="fp8")
     with pytest.raises(EngineError, match="float32"):
         TorchEngine(net, "avg", dtype=torch.float64, precision="bf16")
+
+
+def test_time_to_quality_clock_gate_and_reading() -> None:
+    import io
+    import time
+
+    from bench.time_to_quality import Clock, Gate, time_to
+
+    clock = Clock()
+    clock.start()
+    with clock.paused():
+        time.sleep(0.05)
+    clock.stop()
+    assert clock.total < 0.05  # the pause is not on the clock
+    inbox, outbox = io.StringIO("go\ngo\n"), io.StringIO()
+    gate = Gate(inbox, outbox)
+    gate.release()  # not holding: says nothing
+    gate.acquire()
+    gate.acquire()  # holding already: takes no second "go"
+    gate.release()
+    gate.acquire()
+    assert outbox.getvalue() == "done\n" and inbox.read() == ""
+    run = {"iterations": [(1.0, 10.0, 1), (2.0, float("nan"), 2), (3.0, 5.0, 3), (4.0, 4.0, 4)]}
+    assert time_to(run, 5.0) == 3.0 and time_to(run, 4.5) == 4.0 and time_to(run, 1.0) is None
