@@ -517,7 +517,14 @@ class _LocalBackend:
         return self.workers
 
     def submit(self, task: Task) -> Future[Outcome]:
-        return self.pool.submit(self.function, task)
+        try:
+            return self.pool.submit(self.function, task)
+        except BrokenProcessPool as exc:
+            # A worker died after the last look at the running jobs: this job never started. It is handed back
+            # as one the broken pool ended, so it runs again like the others that were running.
+            future: Future[Outcome] = Future()
+            future.set_exception(exc)
+            return future
 
     def wait(self, futures: list[Any], timeout: float) -> list[Any]:
         done, _ = wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)

@@ -344,3 +344,23 @@ def test_batch_sh_runs_every_pair(tmp_path: Path, net: list[str]) -> None:
     res = subprocess.run(["bash", str(ROOT / "scripts" / "batch.sh"), "styles", "contents", "results", *net],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "4 finished before, 0 to run" in res.stderr
+
+
+def always_crash(task: Any) -> batch.Outcome:
+    os._exit(3)
+
+
+def test_a_job_submitted_to_a_pool_that_just_broke_counts_as_died() -> None:
+    from concurrent.futures import wait as wait_futures
+
+    backend = batch._LocalBackend(1, 1, always_crash)
+    try:
+        first = backend.submit(object())  # type: ignore[arg-type]
+        wait_futures([first], timeout=120)
+        assert isinstance(backend.outcome(first), batch._Died)
+        # The driver has not looked yet: the next submission meets the broken pool and must not raise.
+        second = backend.submit(object())  # type: ignore[arg-type]
+        assert isinstance(backend.outcome(second), batch._Died)
+    finally:
+        backend.recover()
+        backend.pool.shutdown(wait=True)
