@@ -57,6 +57,7 @@ def variants(baseline_rev: str | None, leave_one_out: bool) -> list[tuple[str, d
         out.append(("all, mkldnn off", {"engine": "torch", "tuning": defaults, "mkldnn": False}))
     # OpenMP threads that spin after a parallel region take the cores NNPACK's own thread pool needs next; a
     # shorter spin (read by libgomp when torch loads, so it cannot be set by the engine) gives them back sooner.
+    out.append(("all", {"engine": "torch"}))  # the engine's defaults, as style.py runs it
     out.append(("all, GOMP_SPINCOUNT=10000", {"engine": "torch", "env": {"GOMP_SPINCOUNT": "10000"}}))
     return out
 

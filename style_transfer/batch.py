@@ -56,6 +56,7 @@ import numpy as np
 
 from style_transfer import cli, images
 from style_transfer.errors import ImageError, StyleTransferError
+from style_transfer.openmp import prefer_short_spin
 
 if TYPE_CHECKING:
     from style_transfer.transfer import StyleTransfer
@@ -990,6 +991,11 @@ def _run(args: argparse.Namespace, task_function: TaskFunction) -> int:
             print(f"{job.number:4d}  line {job.line:<4d}  {job.output or '-'}  {state}")
         return EXIT_OK
 
+    engines = {job.options["engine"] for job in pending}
+    if len(engines) == 1 and not args.dask_scheduler:
+        # Local workers are started later and inherit it; Dask workers are started by their own command.
+        prefer_short_spin([job.options["model"] if job.options["prototxt"] is None else "" for job in pending],
+                          engines.pop())
     workers = args.workers or 1
     threads = args.threads or max(1, cpu_count() // workers)
     mode = f"dask {args.dask_scheduler}" if args.dask_scheduler else f"{workers} local worker(s), " \

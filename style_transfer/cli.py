@@ -18,6 +18,7 @@ from style_transfer import images
 from style_transfer.caffe_model.registry import MODELS
 from style_transfer.engines import ENGINES, PRECISIONS
 from style_transfer.errors import StyleTransferError
+from style_transfer.openmp import prefer_short_spin
 
 # Every default lives here, and the help text shows it.
 DEFAULTS: dict[str, Any] = {
@@ -359,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return download_main([*args.download, *extra])
     if not args.style or not args.content:
         parser.error("the following arguments are required: -s/--style-img, -c/--content-img")
+    # Before anything imports torch.
+    prefer_short_spin([args.model] if args.prototxt is None else [], args.engine)
     try:
         return run(args)
     except StyleTransferError as exc:

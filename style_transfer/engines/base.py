@@ -5,11 +5,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from style_transfer.caffe_model.net import Net
-from style_transfer.losses import Objective
+
+if TYPE_CHECKING:  # the CLI imports this module before torch loads (see style_transfer/openmp.py)
+    from style_transfer.losses import Objective
 
 # Arithmetic of the torch engine's convolutions: float32, or bfloat16/float16 autocast with Gram matrices in float32.
 PRECISIONS = ("fp32", "bf16", "fp16")
