@@ -517,10 +517,10 @@ def main() -> None:
     print(report(target))
 
 
-def make_sheet(path: Path, variants: list[str], out: Path) -> None:
+def make_sheet(path: Path, variants: list[str], out: Path, tile_width: int = 384) -> None:
     """A grid of snapshots: one row per variant, one column per snapshot time (the same times for every row),
     each tile labelled with the run's clock and its objective there."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     data = json.loads(path.read_text())
     runs = {r["variant"]: r for r in data["runs"]}
@@ -537,18 +537,22 @@ def make_sheet(path: Path, variants: list[str], out: Path) -> None:
         rows.append((name, row))
     columns = min(len(row) for _name, row in rows)
     tiles = [[Image.open(f).convert("RGB") for *_rest, f in row[:columns]] for _name, row in rows]
+    scale = min(1.0, tile_width / tiles[0][0].width)
+    tiles = [[t.resize((round(t.width * scale), round(t.height * scale)), Image.Resampling.LANCZOS) for t in row]
+             for row in tiles]
     w, h = tiles[0][0].size
-    label_h, pad = 34, 6
+    font = ImageFont.load_default(size=13)
+    label_h, pad = 36, 6
     sheet = Image.new("RGB", (columns * (w + pad) + pad, len(rows) * (h + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (name, row) in enumerate(rows):
         for j, (at, n_iter, objective, _file) in enumerate(row[:columns]):
             x, y = pad + j * (w + pad), pad + i * (h + label_h + pad)
             sheet.paste(tiles[i][j], (x, y + label_h))
-            draw.text((x + 2, y + 2), f"{name}: {at:.0f} s, iteration {n_iter}", fill="black")
-            draw.text((x + 2, y + 17), f"objective {objective:.4g}", fill="black")
+            draw.text((x + 2, y + 2), f"{name}: {at:.0f} s, iteration {n_iter}", fill="black", font=font)
+            draw.text((x + 2, y + 18), f"objective {objective:.4g}", fill="black", font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, quality=88)
+    sheet.save(out, quality=85)
     print(f"wrote {out}", file=sys.stderr)
 
 
