@@ -10,19 +10,19 @@ optimiser as the tool runs it: scipy's L-BFGS-B, history 8, no tolerance stops, 
 (`plain`). The target is the objective it reaches after `--iters` iterations; each variant's time to reach the same
 objective is read off its curve.
 
-The variants change one thing at a time (optimize.py and transfer.py are not touched; the loop is spelled out here):
+The variants change one thing at a time (the loop is spelled out here, with the options of optimize.py):
 
 - `plain-m8`: the reference; `m8`: the same with today's torch engine (per-evaluation speed only);
-- `m20`, `m50`: a longer L-BFGS-B history;
+- `m12`, `m20`, `m50`: a longer L-BFGS-B history; `bf16-m*`: the torch engine in bf16 autocast;
 - `colour-m*`: optimising a decorrelated colour parametrisation x = C y (C the square root of natural images'
   colour covariance), `dct-m*`: a spectrally preconditioned one x = IDCT(s * y) with s ~ 1/frequency. These
   cannot use L-BFGS-B's exact box handling (the box is not a box in y), so the objective is evaluated at the
   projection clip(x) onto the bounds and its gradient is zero across clipped pixels: the result honours the bounds.
 
-All runs start together, each in its own process, and take turns evaluation by evaluation, so a machine shared with
-other jobs slows them alike. Each run has its own clock: the wall time of its evaluations (with the parametrisation's
-transforms) plus the CPU time of scipy's own work between evaluations; the set-up and one warm-up evaluation are not
-counted.
+Every run is its own process (with the OpenMP setting style.py would choose for it) and they take turns: a turn is
+one evaluation plus the optimiser's own work after it, so nothing of two runs overlaps and a machine shared with other
+jobs slows them alike. Each run's clock is the wall time of its turns; set-up, one warm-up evaluation, snapshots of
+the image (`sheet` puts them side by side) and the float32 re-checks of bf16 runs are off the clock.
 """
 
 from __future__ import annotations
