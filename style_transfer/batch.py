@@ -4,10 +4,10 @@ The manifest is a CSV file (a `.tsv` one is tab-separated) with a header row. Co
 are required; any job option of style.py may be a column too, under its long name with `_` or `-` (`model`, `ratio`,
 `num_iters`, `length`, `init`, `seed`, `pooling`, `style_scale`, `tv_weight`, `lbfgs_memory`, `engine`, `gpu`,
 `weights`, `prototxt`, `style_layers`, `content_layers`, `models_dir`, `style_weights`, `max_pixels`, `scales`,
-`min_length`, `color_match`, `original_colors` (1/0, yes/no, true/false)). An empty cell takes the value given on the
-command line, or style.py's default. Several style images go in one cell separated by `;` (their blend weights
-likewise in `style_weights`). Relative paths in the manifest are relative to its folder. Blank rows and rows whose
-first cell starts with `#` are ignored.
+`min_length`, `color_match`, `original_colors` (1/0, yes/no, true/false), `precision`). An empty cell takes the
+value given on the command line, or style.py's default. Several style images go in one cell separated by `;`
+(their blend weights likewise in `style_weights`). Relative paths in the manifest are relative to its folder. Blank
+rows and rows whose first cell starts with `#` are ignored.
 
 Every job writes its image and, beside it, a JSON report `<output>.json`. A job counts as finished when its output
 exists and its report says `ok` for the same job description (images, output and options); finished jobs are
