@@ -39,6 +39,7 @@ __all__ = [
     "check_output_path",
     "deprocess",
     "load_image",
+    "long_side_size",
     "pixel_bounds",
     "preprocess",
     "resize_long_side",
@@ -125,18 +126,23 @@ def pixel_bounds(height: int, width: int) -> tuple[FloatArray, FloatArray]:
 def resize_long_side(image: npt.NDArray[Any], length: int) -> FloatArray:
     """Scale so the longer side is ``length`` px, keeping the aspect ratio."""
     _require_rgb(image, "resize_long_side")
+    return _resample(image, *long_side_size(image.shape[0], image.shape[1], length))
+
+
+def long_side_size(height: int, width: int, length: int, what: str = "--length") -> tuple[int, int]:
+    """(height, width) with the longer side ``length`` px and the aspect ratio kept; an error if a side would be
+    below MIN_SIDE. ``what`` names the option the length came from in that error."""
     if length < 1:
         raise ValueError(f"length must be positive, got {length}")
-    height, width = image.shape[:2]
     scale = length / max(height, width)
     new_height = max(1, round(height * scale))
     new_width = max(1, round(width * scale))
     if min(new_height, new_width) < MIN_SIDE:
         raise ImageError(
             f"image {width}x{height} px would be {new_width}x{new_height} px"
-            f" at --length {length}; each side must be at least {MIN_SIDE} px"
+            f" at {what} {length}; each side must be at least {MIN_SIDE} px"
         )
-    return _resample(image, new_height, new_width)
+    return new_height, new_width
 
 
 def resize_to(image: npt.NDArray[Any], height: int, width: int) -> FloatArray:

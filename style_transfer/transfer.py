@@ -1,9 +1,18 @@
-"""The library's front door: a model loaded once, then any number of stylizations as iteration generators."""
+"""The library's front door: a model loaded once, then any number of runs, each of which finishes itself.
+
+    st = StyleTransfer("vgg16", gpu=-1)                  # options.py: every keyword, its default and check
+    run = st.stylize(content, [style], num_iters=200)    # RGB arrays, H x W x 3 in [0, 1]
+    result = run.run(on_step=print)                      # RunResult: the image, its scores and the report
+
+A run's objective is bound to the run (`engine.bind`), so runs made from one StyleTransfer never see each other's
+targets.
+"""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Mapping, Sequence
+import secrets
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -13,41 +22,11 @@ import numpy as np
 from style_transfer import images
 from style_transfer.caffe_model.loader import load_net
 from style_transfer.caffe_model.registry import get_model
-from style_transfer.colors import COLOR_MATCH_MODES, match_colors
+from style_transfer.colors import match_colors, original_colors
 from style_transfer.engines import Evaluation, create_engine
 from style_transfer.errors import ImageError, ModelError, StyleTransferError
-from style_transfer.initial import mixed, pink_noise
-from style_transfer.losses import Objective, gram_numpy
-from style_transfer.optimize import LBFGSB, Result, Step
-
-
-def parse_layer_weights(spec: str | Mapping[str, float] | Sequence[str], flag: str = "layers") -> dict[str, float]:
-    """`"a:0.5,b:0.5"` or `"a,b"` (equal weights summing to 1) -> {"a": 0.5, "b": 0.5}."""
-    if isinstance(spec, Mapping):
-        out = {str(k): float(v) for k, v in spec.items()}
-    else:
-        items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-        items = [s for s in items if s]
-        if not items:
-            raise StyleTransferError(f"--{flag}: no layers given")
-        named: dict[str, float | None] = {}
-        for item in items:
-            name, sep, value = item.rpartition(":")
-            if sep:
-                try:
-                    named[name] = float(value)
-                    continue
-                except ValueError:
-                    pass
-            named[item] = None
-        given = [v for v in named.values() if v is not None]
-        if given and len(given) != len(named):
-            raise StyleTransferError(f"--{flag}: give a weight to every layer or to none ({spec!r})")
-        out = {k: (v if v is not None else 1.0 / len(named)) for k, v in named.items()}
-    for name, weight in out.items():
-        if not np.isfinite(weight) or weight < 0:
-            raise StyleTransferError(f"--{flag}: weight of {name!r} must be a finite number >= 0, got {weight}")
-    return out
+from style_transfer.initial import initial_image
+from style_transfer.options import BY_NAME, check_all, init_kind, parse_layer_weights
 
 
 def scale_plan(length: int, scales: int, min_length: int | None, iterations: int) -> list[tuple[int, int]]:
@@ -60,6 +39,8 @@ def scale_plan(length: int, scales: int, min_length: int | None, iterations: int
     if scales < 1:
         raise StyleTransferError(f"--scales must be at least 1, got {scales}")
     if scales == 1:
+        if min_length is not None:
+            raise StyleTransferError("--min-length sets the smallest of several --scales; give --scales 2 or more")
         return [(length, iterations)]
     if iterations < scales:
         raise StyleTransferError(f"-n/--num-iters {iterations} is fewer than --scales {scales}: each scale needs "
@@ -69,6 +50,10 @@ def scale_plan(length: int, scales: int, min_length: int | None, iterations: int
         raise StyleTransferError(f"--min-length must be between {images.MIN_SIDE} and --length {length}, "
                                  f"got {smallest}")
     sizes = [round(smallest * (length / smallest) ** (i / (scales - 1))) for i in range(scales)]
+    if len(set(sizes)) != len(sizes):
+        given = f"--min-length {min_length}" if min_length is not None else "the default smallest size 64"
+        raise StyleTransferError(f"--scales {scales} from {given} to --length {length} repeats sizes "
+                                 f"({', '.join(map(str, sizes))}); use fewer scales or a smaller --min-length")
     shares = np.array([1.0 / s for s in sizes])
     counts = np.maximum(1, np.floor(iterations * shares / shares.sum()).astype(int))
     counts[0] += iterations - int(counts.sum())  # rounding leftovers go to the cheapest scale
@@ -76,205 +61,248 @@ def scale_plan(length: int, scales: int, min_length: int | None, iterations: int
 
 
 @dataclass
+class RunResult:
+    """What a finished (or interrupted) run leaves: the image, its scores and the report."""
+
+    rgb: np.ndarray  # H x W x 3 float32 in [0, 1], original colours applied when asked
+    x: np.ndarray  # 3 x H x W preprocessed (BGR, mean subtracted)
+    evaluation: Evaluation | None  # the objective at `x`; None only if a second Ctrl-C cut its evaluation
+    iterations: int
+    stop_reason: str  # scipy's message, "interrupted", "stopped" or "nonfinite"
+    error: str | None
+    stopped_early: bool
+    report: dict[str, Any]
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason == "interrupted"
+
+
+@dataclass
 class Stylization:
-    """One run: iterate `steps()` (each L-BFGS-B iteration of every scale), then read `result`."""
+    """One prepared run: call `run()` once."""
 
     transfer: StyleTransfer
     content: np.ndarray
     styles: list[np.ndarray]
     blend: np.ndarray
     plan: list[tuple[int, int]]
-    init: str | float | np.ndarray
-    seed: int | None
-    ratio: float
-    style_scale: float
-    lbfgs_memory: int
-    tv_weight: float
-    color_match: str
+    options: dict[str, Any]
+    seed: int
     notices: list[str] = field(default_factory=list)
-    result: Result = field(default_factory=Result)
     evaluations: int = 0
 
-    def __post_init__(self) -> None:
-        last = images.resize_long_side(self.content, self.plan[-1][0])
-        self.height, self.width = last.shape[:2]
-        self.iterations = sum(n for _, n in self.plan)
-        # Check every scale's size before any work, so a bad size fails at once.
-        for index, (length, _) in enumerate(self.plan):
-            try:
-                images.resize_long_side(self.content, length)
-                for style in self.styles:
-                    images.resize_long_side(style, round(length * self.style_scale))
-            except ImageError as exc:
-                if index == len(self.plan) - 1:
-                    raise
-                raise StyleTransferError(f"scale {index + 1} of {len(self.plan)} is too small: {exc}; "
-                                         "raise --min-length or use fewer --scales") from None
+    @property
+    def iterations(self) -> int:
+        return sum(n for _, n in self.plan)
 
-    def steps(self) -> Iterator[Step]:
+    def to_rgb(self, x: np.ndarray) -> np.ndarray:
+        """An iterate as the picture the user gets (original colours applied when asked)."""
+        rgb = images.deprocess(x)
+        if self.options["original_colors"]:
+            rgb = original_colors(rgb, images.resize_to(self.content, rgb.shape[0], rgb.shape[1]))
+        return rgb
+
+    def run(self, on_step: Callable[[Any], None] | None = None) -> RunResult:
+        """Optimise every scale in turn; `on_step` sees each L-BFGS-B iteration (and may raise StopIteration).
+
+        Ctrl-C, a StopIteration from `on_step` and a non-finite loss end the run with the last good iterate instead
+        of an exception, so that a caller always has an image to save."""
+        from style_transfer.optimize import LBFGSB
+
+        started = time.perf_counter()
+        self.evaluations = 0
         x: np.ndarray | None = None
         done = 0
+        stop_reason, error, stopped_early = "", None, False
+        evaluation: Evaluation | None = None
+        evaluate: Callable[[np.ndarray], Evaluation] | None = None
         for index, (length, iters) in enumerate(self.plan):
             content = images.resize_long_side(self.content, length)
             h, w = content.shape[:2]
-            self._set_objective(content, length)
+            evaluate = self._evaluator(content, length)
             if x is None:
-                start = self.transfer.initial_image(self.init, content, self.styles, self.blend, self.seed)
+                start = initial_image(self.options["init"], content, self.styles, self.blend, self.seed)
             else:
                 start = images.resize_to(images.deprocess(x), h, w)
             lower, upper = images.pixel_bounds(h, w)
-            optimizer = LBFGSB(self.evaluate, images.preprocess(start), lower, upper, iters, self.lbfgs_memory)
-            last: Step | None = None
-            for step in optimizer.steps():
-                last = replace(step, iteration=done + step.iteration, scale=index,
-                               evaluations=self.evaluations)
-                yield last
-            res = optimizer.result
-            done = last.iteration if last is not None else done
-            x = res.image if res.image is not None else (last.image if last is not None else images.preprocess(start))
-            self.result = Result(success=res.success, message=res.message, iterations=done,
-                                 evaluations=self.evaluations,
-                                 stopped_early=self.result.stopped_early or res.stopped_early, image=x)
 
-    def evaluate(self, image: np.ndarray) -> Evaluation:
-        self.evaluations += 1
-        return self.transfer.engine.evaluate(image)
+            def forward(step: Any, offset: int = done, scale: int = index) -> None:
+                if on_step is not None:
+                    on_step(replace(step, iteration=offset + step.iteration, scale=scale,
+                                    evaluations=self.evaluations))
 
-    def _set_objective(self, content: np.ndarray, length: int) -> None:
+            result = LBFGSB(evaluate, images.preprocess(start), lower, upper, iters,
+                            self.options["lbfgs_memory"]).run(forward)
+            done += result.iterations
+            x = result.image
+            evaluation = result.last_evaluation
+            stop_reason, error = result.stop_reason, result.error
+            stopped_early = stopped_early or result.stopped_early
+            if stop_reason in ("interrupted", "stopped", "nonfinite"):
+                break
+        assert x is not None and evaluate is not None
+        if evaluation is None:
+            try:
+                evaluation = evaluate(x)
+            except KeyboardInterrupt:
+                stop_reason = "interrupted"  # a second Ctrl-C: the image is kept, its scores are not
+        seconds = time.perf_counter() - started
+        if stopped_early and stop_reason not in ("interrupted", "stopped", "nonfinite"):
+            self.notices.append(f"L-BFGS-B stopped after {done} of {self.iterations} iterations: {stop_reason}")
+        report = self._report(x, evaluation, done, seconds, stop_reason)
+        return RunResult(rgb=self.to_rgb(x), x=x, evaluation=evaluation, iterations=done, stop_reason=stop_reason,
+                         error=error, stopped_early=stopped_early, report=report)
+
+    def _evaluator(self, content: np.ndarray, length: int) -> Callable[[np.ndarray], Evaluation]:
+        from style_transfer.losses import Objective
+
         st = self.transfer
         grams = []
         for style in self.styles:
-            resized = images.resize_long_side(style, round(length * self.style_scale))
-            grams.append(st.style_grams(match_colors(resized, content, self.color_match)))
+            resized = images.resize_long_side(style, round(length * self.options["style_scale"]))
+            grams.append(st.style_grams(match_colors(resized, content, self.options["color_match"])))
         content_feats = st.engine.features(images.preprocess(content), list(st.content_weights))
-        st.engine.set_objective(Objective(
-            content_weights=st.content_weights, style_weights=st.style_weights, ratio=self.ratio,
+        evaluator = st.engine.bind(Objective(
+            content_weights=st.content_weights, style_weights=st.style_weights, ratio=float(self.options["ratio"]),
             content_targets=content_feats,
             style_targets={layer: np.stack([g[layer] for g in grams]) for layer in st.style_weights},
-            style_blend=self.blend, tv_weight=self.tv_weight))
+            style_blend=self.blend, tv_weight=self.options["tv_weight"]))
 
-    @staticmethod
-    def to_rgb(x: np.ndarray) -> np.ndarray:
-        return images.deprocess(x)
+        def evaluate(image: np.ndarray) -> Evaluation:
+            self.evaluations += 1
+            return evaluator.evaluate(image)
 
-    def report(self, image: np.ndarray, evaluation: Evaluation, seconds: float, setup_seconds: float
-               ) -> dict[str, Any]:
-        """The run's numbers for a JSON report (the CLI and batch jobs add their own fields)."""
+        return evaluate
+
+    def _report(self, x: np.ndarray, evaluation: Evaluation | None, iterations: int, seconds: float,
+                stop_reason: str) -> dict[str, Any]:
+        st = self.transfer
+        scores: dict[str, Any] = {"loss": None, "style_loss": None, "content_loss": None, "tv_loss": None,
+                                  "layers": None}
+        if evaluation is not None:
+            scores = {"loss": evaluation.loss, "style_loss": evaluation.style_loss,
+                      "content_loss": evaluation.content_loss, "tv_loss": evaluation.tv_loss,
+                      "layers": evaluation.layers}
         return {
-            "device": self.transfer.engine.device,
-            "precision": self.transfer.engine.precision,
-            "width": int(image.shape[2]),
-            "height": int(image.shape[1]),
+            "engine": st.options["engine"],
+            "model": st.model,
+            "iterations": iterations,
+            "device": st.engine.device,
+            "precision": st.engine.precision,
+            "width": int(x.shape[2]),
+            "height": int(x.shape[1]),
             "evaluations": self.evaluations,
-            "loss": evaluation.loss,
-            "style_loss": evaluation.style_loss,
-            "content_loss": evaluation.content_loss,
-            "tv_loss": evaluation.tv_loss,
-            "layers": evaluation.layers,
+            **scores,
             "seconds": seconds,
-            "setup_seconds": setup_seconds,
+            "setup_seconds": st.take_setup_seconds(),
             "seconds_per_evaluation": seconds / self.evaluations if self.evaluations else None,
             "scales": [{"length": length, "iterations": n} for length, n in self.plan],
+            "stop_reason": stop_reason,
+            "seed": self.seed,
         }
 
 
 class StyleTransfer:
-    """A Caffe net on an engine, with the layers and weights of the style and content terms."""
+    """A Caffe net on an engine, with the layers and weights of the style and content terms.
 
-    def __init__(self, model: str = "vgg16", *, prototxt: str | os.PathLike[str] | None = None,
-                 weights: str | os.PathLike[str] | None = None, models_dir: str | os.PathLike[str] | None = None,
-                 style_layers: str | Mapping[str, float] | None = None,
-                 content_layers: str | Mapping[str, float] | None = None, pooling: str = "avg",
-                 engine: str = "torch", gpu: int = 0, verbose: bool = False,
-                 download_missing: bool = False, precision: str = "fp32") -> None:
-        if pooling not in ("avg", "max"):
-            raise StyleTransferError(f"--pooling must be avg or max, got {pooling!r}")
+    Keyword arguments are the "model" options of options.py (model, gpu, weights, prototxt, models_dir,
+    style_layers, content_layers, pooling, engine, precision, verbose, download_missing)."""
+
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        started = time.perf_counter()
+        opts = check_all("model", {**options, **({"model": model} if model is not None else {})})
+        self.options = opts
         self.notices: list[str] = []
+        prototxt, weights = opts["prototxt"], opts["weights"]
         if prototxt is None:
-            info = get_model(model)
+            info = get_model(opts["model"])
             prototxt_path = info.prototxt
             if weights:
                 weights_path = Path(weights)
             else:
                 from style_transfer.download import ensure_model
 
-                weights_path = ensure_model(model, models_dir, download_missing)
+                weights_path = ensure_model(opts["model"], opts["models_dir"], opts["download_missing"])
             default_style, default_content = info.style_layers, info.content_layers
         else:
             prototxt_path = Path(prototxt)
             if weights is None:
                 raise ModelError("--prototxt needs --weights (the caffemodel for that net)")
             weights_path = Path(weights)
-            if style_layers is None or content_layers is None:
+            if opts["style_layers"] is None or opts["content_layers"] is None:
                 raise ModelError("--prototxt needs --style-layers and --content-layers (which blobs to use)")
             default_style, default_content = {}, {}
-        self.model = model if prototxt is None else Path(prototxt).stem
-        self.style_weights = parse_layer_weights(style_layers, "style-layers") if style_layers is not None \
-            else dict(default_style)
-        self.content_weights = parse_layer_weights(content_layers, "content-layers") \
-            if content_layers is not None else dict(default_content)
+        self.model = opts["model"] if prototxt is None else Path(prototxt).stem
+        self.style_weights = dict(default_style) if opts["style_layers"] is None else \
+            parse_layer_weights(opts["style_layers"], "--style-layers")
+        self.content_weights = dict(default_content) if opts["content_layers"] is None else \
+            parse_layer_weights(opts["content_layers"], "--content-layers")
         blobs = list(dict.fromkeys([*self.style_weights, *self.content_weights]))
-        self.net = load_net(prototxt_path, weights_path, blobs, pooling)
-        self.pooling = pooling
-        self.engine, notice = create_engine(engine, self.net, pooling, gpu, verbose, precision)
+        self.net = load_net(prototxt_path, weights_path, blobs, opts["pooling"])
+        self.pooling = opts["pooling"]
+        self.engine, notice = create_engine(opts["engine"], self.net, opts["pooling"], opts["gpu"], opts["verbose"],
+                                            opts["precision"])
         if notice:
             self.notices.append(notice)
+        if opts["precision"] == "fp16" and self.engine.device == "cpu":
+            self.notices.append("--precision fp16 has no fast kernels on the CPU and runs several times slower than "
+                                "fp32; use bf16 or fp32 there")
+        self._setup_seconds = time.perf_counter() - started
+
+    def take_setup_seconds(self) -> float:
+        """Seconds spent loading the net, counted once: by the first run's report."""
+        seconds, self._setup_seconds = self._setup_seconds, 0.0
+        return seconds
 
     def style_grams(self, style: np.ndarray) -> dict[str, np.ndarray]:
+        from style_transfer.losses import gram_numpy
+
         feats = self.engine.features(images.preprocess(style), list(self.style_weights))
         return {k: gram_numpy(v) for k, v in feats.items()}
 
-    def stylize(self, content: np.ndarray, styles: Sequence[np.ndarray], *,
-                style_blend: Sequence[float] | None = None, ratio: float = 1e4, iterations: int = 512,
-                length: int = 512, style_scale: float = 1.2, init: str | float | np.ndarray = "content",
-                seed: int | None = None, lbfgs_memory: int = 8, tv_weight: float = 0.0, scales: int = 1,
-                min_length: int | None = None, color_match: str = "none") -> Stylization:
-        """Prepare a run on RGB images (H x W x 3 in [0, 1]); the work happens while iterating its steps."""
+    def stylize(self, content: np.ndarray, styles: Sequence[np.ndarray], **options: Any) -> Stylization:
+        """Prepare a run on RGB images (H x W x 3 in [0, 1]); keyword arguments are the "run" options of
+        options.py. Everything is checked here, before any work: sizes at every scale included."""
+        started = time.perf_counter()
         if not styles:
             raise StyleTransferError("at least one style image is needed")
-        blend = np.ones(len(styles)) if style_blend is None else np.asarray(style_blend, dtype=np.float64)
-        if blend.shape != (len(styles),) or not np.all(np.isfinite(blend)) or np.any(blend < 0) or blend.sum() <= 0:
+        opts = check_all("run", options)
+        weights = opts["style_weights"]
+        if weights is not None and len(weights) != len(styles):
+            raise StyleTransferError(f"--style-weights: {len(styles)} style image(s) but {len(weights)} weight(s)")
+        blend = np.ones(len(styles)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if blend.sum() <= 0:
             raise StyleTransferError(f"--style-weights: need {len(styles)} non-negative weights with a positive sum")
         blend = blend / blend.sum()
-        for name, value in (("ratio", ratio), ("tv-weight", tv_weight)):
-            if not np.isfinite(value) or value < 0:
-                raise StyleTransferError(f"--{name} must be a finite number >= 0, got {value}")
-        if length < images.MIN_SIDE:
-            raise StyleTransferError(f"--length must be at least {images.MIN_SIDE}, got {length}")
-        if not np.isfinite(style_scale) or style_scale <= 0:
-            raise StyleTransferError(f"--style-scale must be a positive number, got {style_scale}")
-        if iterations < 1:
-            raise StyleTransferError(f"--num-iters must be at least 1, got {iterations}")
-        if lbfgs_memory < 1:
-            raise StyleTransferError(f"--lbfgs-memory must be at least 1, got {lbfgs_memory}")
-        if color_match not in COLOR_MATCH_MODES:
-            raise StyleTransferError(f"--color-match must be one of {', '.join(COLOR_MATCH_MODES)}, "
-                                     f"got {color_match!r}")
-        if not isinstance(init, np.ndarray) and init not in ("content", "mixed"):
-            try:
-                float(init)
-            except (TypeError, ValueError):
-                raise StyleTransferError(f"--init must be content, mixed, a noise exponent or an image, "
-                                         f"got {init!r}") from None
-        plan = scale_plan(length, scales, min_length, iterations)
-        return Stylization(self, content, list(styles), blend, plan, init, seed, float(ratio), style_scale,
-                           lbfgs_memory, float(tv_weight), color_match, notices=list(self.notices))
+        plan = scale_plan(opts["length"], opts["scales"], opts["min_length"], opts["num_iters"])
+        _check_sizes(content, styles, plan, opts["style_scale"])
+        kind = init_kind(opts["init"])
+        if kind == "file":
+            if not Path(opts["init"]).exists():
+                raise StyleTransferError(f"{BY_NAME['init'].label} must be content, mixed, a number or an existing "
+                                         f"image file, got {str(opts['init'])!r}")
+            opts["init"] = images.load_image(opts["init"], max_pixels=opts["max_pixels"])
+        elif kind == "noise":
+            opts["init"] = float(opts["init"])
+        seed = opts["seed"] if opts["seed"] is not None else secrets.randbits(32)
+        self._setup_seconds += time.perf_counter() - started
+        return Stylization(self, np.asarray(content, dtype=np.float32), list(styles), blend, plan, opts, seed,
+                           notices=list(self.notices))
 
-    @staticmethod
-    def initial_image(init: str | float | np.ndarray, content: np.ndarray, styles: Sequence[np.ndarray],
-                      blend: np.ndarray, seed: int | None) -> np.ndarray:
-        """The starting image at the content's size: content, mixed, 1/f^N noise, or a given image resized."""
-        h, w = content.shape[:2]
-        if isinstance(init, np.ndarray):
-            return images.resize_to(init, h, w)
-        if init == "content":
-            return content
-        if init == "mixed":
-            main_style = styles[int(np.argmax(blend))]
-            return mixed(content, images.resize_to(main_style, h, w))
+
+def _check_sizes(content: np.ndarray, styles: Sequence[np.ndarray], plan: list[tuple[int, int]],
+                 style_scale: float) -> None:
+    """Every scale's content and style sizes, from the shapes alone (nothing is resampled here)."""
+    for index, (length, _) in enumerate(plan):
         try:
-            exponent = float(init)
-        except (TypeError, ValueError):
-            raise StyleTransferError(f"--init must be content, mixed, a noise exponent or an image, got {init!r}") \
-                from None
-        return pink_noise(h, w, exponent, np.random.default_rng(seed))
+            images.long_side_size(content.shape[0], content.shape[1], length)
+            style_length = round(length * style_scale)
+            for style in styles:
+                images.long_side_size(style.shape[0], style.shape[1], style_length,
+                                      what=f"--style-scale {style_scale:g} x --length {length} =")
+        except ImageError as exc:
+            if index == len(plan) - 1:
+                raise
+            raise StyleTransferError(f"scale {index + 1} of {len(plan)} is too small: {exc}; "
+                                     "raise --min-length or use fewer --scales") from None
