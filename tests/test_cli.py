@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +149,169 @@ def test_missing_files_and_models(tmp_path: Path, pair: tuple[Path, Path], tiny:
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and message in lines[0], res.stderr
         assert not (tmp_path / "o.png").exists()
+
+
+# ------------------------------------------------------------------------------------ defects, each with its test
+
+
+def _one_error_line(code: int | None, err: str, message: str) -> None:
+    assert code not in (0, None)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert message in lines[0], lines[0]
+
+
+def _main(args: list[str]) -> int | None:
+    try:
+        return main(args)
+    except SystemExit as exc:  # argparse's own exit
+        return exc.code  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["-i", "nan"], "-i/--init noise exponent must be a finite number >= 0"),
+    (["-i", "inf"], "-i/--init noise exponent must be a finite number >= 0"),
+    (["-i", "-1"], "-i/--init noise exponent must be a finite number >= 0"),
+    (["--min-length", "20"], "--min-length sets the smallest of several --scales"),
+    (["-l", "64", "--scales", "3"], "repeats sizes (64, 64, 64)"),
+    (["-l", "64", "--style-scale", "0.3"], "--style-scale 0.3 x --length 64 = 19"),
+    (["--style-layers", "conv1:abc"], "the weight of 'conv1' must be a number, got 'abc'"),
+    (["--animation", "a.mp4"], "use a .gif, .webp or .png"),
+])
+def test_defects_give_the_right_one_line_error(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str],
+                                               extra: list[str], message: str, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    style, content = pair
+    monkeypatch.chdir(tmp_path)
+    code = _main(["-s", str(style), "-c", str(content), *tiny, "-n", "2", "-l", "24", *extra])
+    _one_error_line(code, capsys.readouterr().err, message)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_animation_may_not_replace_the_output(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    style, content = pair
+    out = tmp_path / "o.png"
+    code = _main(["-s", str(style), "-c", str(content), *tiny, "-n", "2", "-l", "24", "-o", str(out),
+                  "--animation", str(out)])
+    _one_error_line(code, capsys.readouterr().err, "is the output image itself")
+    assert not out.exists()
+
+
+def test_unwritable_report_is_found_before_the_run(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    style, content = pair
+    if os.geteuid() == 0:
+        report = Path("/proc/style-transfer-report.json")  # root may write anywhere but into /proc
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        report = locked / "r.json"
+    out = tmp_path / "o.png"
+    code = _main(["-s", str(style), "-c", str(content), *tiny, "-n", "2", "-l", "24", "-o", str(out),
+                  "--report", str(report)])
+    _one_error_line(code, capsys.readouterr().err, "--report")
+    assert not out.exists()
+
+
+def test_default_output_name_keeps_a_fractional_init(tmp_path: Path, pair: tuple[Path, Path],
+                                                     tiny: list[str]) -> None:
+    style, content = pair
+    res = run_style("-s", str(style), "-c", str(content), *tiny, "-l", "24", "-n", "1", "-i", "0.5", "--seed", "1",
+                    cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "outputs" / "content-style-tiny-v1-input_dim-0.5-1e4-1.jpg").exists(), res.stdout
+
+
+def test_verbose_losses_go_to_stderr_and_stdout_is_only_the_output(tmp_path: Path, pair: tuple[Path, Path],
+                                                                   tiny: list[str]) -> None:
+    style, content = pair
+    out = tmp_path / "o.png"
+    res = run_style("-s", str(style), "-c", str(content), *tiny, "-l", "24", "-n", "10", "-v", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [str(out)]
+    assert "iter 10: loss=" in res.stderr
+
+
+def test_fp16_on_the_cpu_says_it_is_slow(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str]) -> None:
+    style, content = pair
+    res = run_style("-s", str(style), "-c", str(content), *tiny, "-l", "24", "-n", "1", "--precision", "fp16",
+                    "-o", str(tmp_path / "o.png"))
+    assert res.returncode == 0, res.stderr
+    assert "fp16 has no fast kernels on the CPU" in res.stderr
+
+
+def test_help_names_batch_and_says_each_default_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "style.py batch MANIFEST.csv" in " ".join(text.split())
+    entries: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            entries.append(line)
+        elif entries and line.startswith("     "):
+            entries[-1] += " " + line.strip()
+    assert len(entries) > 30
+    for entry in entries:
+        assert entry.count("default") <= 1, entry
+
+
+def test_save_every_and_animation(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str]) -> None:
+    style, content = pair
+    out = tmp_path / "o" / "out.png"
+    code = main(["-s", str(style), "-c", str(content), *tiny, "-l", "32", "-n", "9", "--save-every", "3",
+                 "--animation", str(tmp_path / "a.gif"), "-o", str(out), "--original-colors"])
+    assert code == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out-0003.png", "out-0006.png", "out-0009.png",
+                                                            "out.png"]
+    gif = Image.open(tmp_path / "a.gif")
+    assert gif.n_frames >= 4 and gif.size == (32, 24)
+
+
+# The child makes its 4th evaluation long (the real evaluation, many times over) and says so in a file; the
+# parent then sends SIGINT, which lands in the middle of that evaluation. SIGINT's disposition is set in the child,
+# since a test runner started in the background of a non-interactive shell passes SIGINT on as ignored.
+_SLOW_CHILD = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from pathlib import Path
+from style_transfer import transfer
+from style_transfer.cli import main
+marker = Path(sys.argv[1])
+real = transfer.Stylization._evaluator
+def slow(self, content, length):
+    evaluate = real(self, content, length)
+    count = [0]
+    def wrapped(image):
+        count[0] += 1
+        if count[0] == 4:
+            marker.write_text("in evaluation 4")
+            for _ in range(2000):
+                evaluate(image)
+        return evaluate(image)
+    return wrapped
+transfer.Stylization._evaluator = slow
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_ctrl_c_in_the_middle_of_an_evaluation_saves_and_exits_130(tmp_path: Path, pair: tuple[Path, Path],
+                                                                   tiny: list[str]) -> None:
+    style, content = pair
+    out = tmp_path / "out.png"
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CHILD, str(marker), "-s", str(style), "-c", str(content),
+                             *tiny, "-l", "64", "-n", "1000", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted after" in err and "Traceback" not in err and "terminate" not in err
+    assert Image.open(out).size == (64, 48)

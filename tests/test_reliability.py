@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from style_transfer import transfer
 from style_transfer.caffe_model.loader import load_net
 from style_transfer.caffe_model.reader import read_caffemodel, read_prototxt
 from style_transfer.cli import main
-from style_transfer.engines.torch import TorchEngine
 from style_transfer.errors import ModelError, StyleTransferError
 from tests import tinynets
 
@@ -90,17 +90,22 @@ def test_bad_input_one_line(setup: dict[str, Path], over: dict[str, str], messag
 
 def test_nan_loss_keeps_last_good_image(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    real = TorchEngine.evaluate
+    real = transfer.Stylization._evaluator
     calls = {"n": 0}
 
-    def flaky(self: TorchEngine, image: np.ndarray):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        ev = real(self, image)
-        if calls["n"] > 12:
-            ev.loss = float("nan")
-        return ev
+    def flaky(self: transfer.Stylization, content: np.ndarray, length: int):  # type: ignore[no-untyped-def]
+        evaluate = real(self, content, length)
 
-    monkeypatch.setattr(TorchEngine, "evaluate", flaky)
+        def wrapped(image: np.ndarray):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            ev = evaluate(image)
+            if calls["n"] > 12:
+                ev.loss = float("nan")
+            return ev
+
+        return wrapped
+
+    monkeypatch.setattr(transfer.Stylization, "_evaluator", flaky)
     args = _args(setup)
     args[args.index("-n") + 1] = "50"
     code = main(args)
