@@ -10,14 +10,20 @@ import pytest
 from PIL import Image
 
 from style_transfer.cli import main
+from tests.conftest import require_shared
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "models" / "vgg16_hed.caffemodel"
 STYLE = SHARED / "images" / "style" / "starry_night.jpg"
 CONTENT = SHARED / "images" / "content" / "tubingen.jpg"
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not WEIGHTS.exists(), reason="../shared/models/vgg16_hed.caffemodel not present")]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _shared_files() -> None:
+    for path in (WEIGHTS, STYLE, CONTENT):
+        require_shared(*path.relative_to(SHARED).parts)
 
 
 def _run(tmp_path: Path, engine: str, *extra: str) -> tuple[dict[str, float], np.ndarray]:
