@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from style_transfer.cli import main
-from style_transfer.colors import _RGB_TO_YIQ, match_colors, original_colors
 from style_transfer.errors import StyleTransferError
 from style_transfer.transfer import StyleTransfer, scale_plan
 from tests import tinynets
@@ -98,29 +97,6 @@ def test_tv_weight_lowers_total_variation(transfer: StyleTransfer) -> None:
     plain = _run(transfer, content, [a], init="0", seed=1, iterations=20)
     smooth = _run(transfer, content, [a], init="0", seed=1, iterations=20, tv_weight=10.0)
     assert _tv(smooth) < 0.5 * _tv(plain)
-
-
-def test_original_colors_keeps_content_chroma() -> None:
-    rng = np.random.default_rng(3)
-    stylized = rng.uniform(0.2, 0.8, (10, 12, 3))
-    content = rng.uniform(0.3, 0.7, (10, 12, 3))
-    out = original_colors(stylized.astype(np.float32), content.astype(np.float32))
-    np.testing.assert_allclose(out @ _RGB_TO_YIQ[1:].T, content @ _RGB_TO_YIQ[1:].T, atol=1e-5)
-    np.testing.assert_allclose(out @ _RGB_TO_YIQ[0], stylized @ _RGB_TO_YIQ[0], atol=1e-5)
-
-
-def test_color_match_statistics() -> None:
-    rng = np.random.default_rng(4)
-    # Ranges chosen so the colour map needs no clipping to [0, 1].
-    style = rng.uniform(0.4, 0.6, (20, 20, 3)).astype(np.float32) * [1.0, 0.9, 0.8]
-    content = rng.uniform(0.3, 0.7, (16, 24, 3)).astype(np.float32)
-    matched = match_colors(style.astype(np.float32), content, "meancov").reshape(-1, 3)
-    np.testing.assert_allclose(matched.mean(0), content.reshape(-1, 3).mean(0), atol=1e-4)
-    np.testing.assert_allclose(np.cov(matched, rowvar=False), np.cov(content.reshape(-1, 3), rowvar=False),
-                               atol=1e-4)
-    hist = match_colors(style.astype(np.float32), content, "histogram")
-    for ch in range(3):
-        assert np.median(hist[..., ch]) == pytest.approx(np.median(content[..., ch]), abs=0.02)
 
 
 def _tiny_args(tmp_path: Path) -> list[str]:
