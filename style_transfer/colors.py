@@ -3,33 +3,35 @@
 from __future__ import annotations
 
 import numpy as np
+from skimage import color, exposure
 
 from style_transfer.errors import StyleTransferError
-
-# ITU-R BT.601 luma and the YIQ chroma axes, as in Gatys et al. (2017) "Controlling perceptual factors".
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
-                        [0.595716, -0.274453, -0.321263],
-                        [0.211456, -0.522591, 0.311135]])
-_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 COLOR_MATCH_MODES = ("none", "meancov", "histogram")
 
 
 def original_colors(stylized: np.ndarray, content: np.ndarray) -> np.ndarray:
-    """The stylized image's luminance with the content's chroma (both H x W x 3 RGB in [0, 1], same size)."""
+    """The stylized image's luminance with the content's chroma (both H x W x 3 RGB in [0, 1], same size).
+
+    Luminance is ITU-R BT.601 luma (the Y of YIQ), chroma the I and Q of YIQ, as in Gatys et al. (2017)
+    "Controlling perceptual factors in neural style transfer".
+    """
     if stylized.shape != content.shape:
         raise ValueError(f"shapes differ: {stylized.shape} vs {content.shape}")
-    y = stylized.astype(np.float64) @ _RGB_TO_YIQ[0]
-    iq = content.astype(np.float64) @ _RGB_TO_YIQ[1:].T
-    yiq = np.concatenate([y[..., None], iq], axis=-1)
-    return np.clip(yiq @ _YIQ_TO_RGB.T, 0.0, 1.0).astype(np.float32)
+    # float64 so that skimage computes in double precision; it would keep float32 inputs in float32.
+    y = color.rgb2yiq(stylized.astype(np.float64))[..., :1]
+    iq = color.rgb2yiq(content.astype(np.float64))[..., 1:]
+    rgb = color.yiq2rgb(np.concatenate([y, iq], axis=-1))
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 
 
 def match_colors(style: np.ndarray, content: np.ndarray, mode: str = "meancov") -> np.ndarray:
     """The style image recoloured so its colour statistics match the content's.
 
     "meancov": an affine map giving the style pixels the content's mean and covariance (the symmetric square-root
-    solution, which changes colours least); "histogram": each RGB channel's histogram matched to the content's.
+    solution, which changes colours least); "histogram": each RGB channel's histogram matched to the content's
+    (skimage.exposure.match_histograms: equal style values stay equal, each goes to the content value at the
+    same cumulative share of pixels).
     """
     if mode == "none":
         return style
@@ -45,15 +47,8 @@ def match_colors(style: np.ndarray, content: np.ndarray, mode: str = "meancov") 
         out = (s - mu_s) @ transform.T + mu_c
         return np.clip(out, 0.0, 1.0).reshape(style.shape).astype(np.float32)
     if mode == "histogram":
-        out = np.empty_like(style, dtype=np.float32)
-        for ch in range(3):
-            src = style[..., ch].ravel()
-            ref = np.sort(content[..., ch].ravel())
-            ranks = np.argsort(np.argsort(src, kind="stable"), kind="stable")
-            quantiles = (ranks + 0.5) / src.size
-            out[..., ch] = np.interp(quantiles, (np.arange(ref.size) + 0.5) / ref.size, ref).reshape(
-                style.shape[:2])
-        return out
+        matched = exposure.match_histograms(style, content, channel_axis=-1)
+        return np.asarray(matched, dtype=np.float32)
     raise StyleTransferError(f"--color-match must be one of {', '.join(COLOR_MATCH_MODES)}, got {mode!r}")
 
 

@@ -479,6 +479,80 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert _pixel(out, 16, 5) == pytest.approx((0, 0, 1), abs=0.1)
 
 
+# How the upright picture follows from the stored pixels for each EXIF orientation, written from the TIFF/EXIF
+# description of where the stored 0th row and 0th column belong (not from Pillow's own table).
+UPRIGHT_FROM_STORED: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    1: lambda a: a,  # row 0 at the top, column 0 at the left
+    2: lambda a: a[:, ::-1],  # row 0 top, column 0 right: mirrored left to right
+    3: lambda a: a[::-1, ::-1],  # row 0 bottom, column 0 right: turned half round
+    4: lambda a: a[::-1, :],  # row 0 bottom, column 0 left: mirrored top to bottom
+    5: lambda a: a.transpose(1, 0, 2),  # row 0 left, column 0 top
+    6: lambda a: np.rot90(a, k=-1),  # row 0 right, column 0 top: turned clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # row 0 right, column 0 bottom
+    8: lambda a: np.rot90(a, k=1),  # row 0 left, column 0 bottom: turned anticlockwise
+}
+
+
+def _with_orientation(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    return exif
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT_FROM_STORED))
+def test_every_exif_orientation_exactly(tmp_path: Path, orientation: int, suffix: str) -> None:
+    # 5 wide, 3 high, every pixel a different colour: any wrong flip or turn moves some colour.
+    stored = np.array(
+        [[(17 * k, 255 - 17 * k, (53 * k) % 256) for k in range(row * 5, row * 5 + 5)] for row in range(3)],
+        dtype=np.uint8,
+    )
+    assert len({tuple(p) for p in stored.reshape(-1, 3)}) == 15
+    path = _save(Image.fromarray(stored), tmp_path / f"o{orientation}{suffix}", exif=_with_orientation(orientation))
+    out = load_image(path)
+    _assert_valid(out)
+    expected = UPRIGHT_FROM_STORED[orientation](stored).astype(np.float32) / np.float32(255.0)
+    assert out.shape == expected.shape == ((3, 5, 3) if orientation <= 4 else (5, 3, 3))
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT_FROM_STORED))
+def test_every_exif_orientation_in_jpeg(tmp_path: Path, orientation: int) -> None:
+    # JPEG is lossy, so each of the 5 x 3 cells is a 16 px block of a saturated colour, told apart at its centre.
+    palette = np.array(
+        [
+            (255, 0, 0),
+            (0, 255, 0),
+            (0, 0, 255),
+            (255, 255, 0),
+            (0, 255, 255),
+            (255, 0, 255),
+            (0, 0, 0),
+            (255, 255, 255),
+            (128, 0, 0),
+            (0, 128, 0),
+            (0, 0, 128),
+            (128, 128, 0),
+            (0, 128, 128),
+            (128, 0, 128),
+            (128, 128, 128),
+        ],
+        dtype=np.uint8,
+    )
+    cells = palette.reshape(3, 5, 3)
+    block = 16
+    stored = np.repeat(np.repeat(cells, block, axis=0), block, axis=1)
+    path = _save(
+        Image.fromarray(stored), tmp_path / f"o{orientation}.jpg", exif=_with_orientation(orientation), quality=95
+    )
+    out = load_image(path)
+    expected_cells = UPRIGHT_FROM_STORED[orientation](cells).astype(np.float32) / np.float32(255.0)
+    rows, cols = expected_cells.shape[:2]
+    assert out.shape == (rows * block, cols * block, 3)
+    centres = out[block // 2 :: block, block // 2 :: block]
+    np.testing.assert_allclose(centres, expected_cells, rtol=0, atol=0.1)
+
+
 def test_profile_survives_exif_rotation(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 6
