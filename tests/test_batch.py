@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from style_transfer import batch
-from style_transfer.batch import Task, batch_main, read_manifest, run_task
+from style_transfer.batch import Outcome, Task, backends, batch_main, read_manifest, run_task
+from style_transfer.batch.cli import build_parser, job_defaults
+from style_transfer.batch.manifest import Job
+from style_transfer.batch.worker import cpu_count
 from tests import tinynets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,22 +139,22 @@ def test_output_without_ok_report_is_not_finished(tmp_path: Path, net: list[str]
     manifest = _manifest(tmp_path / "jobs.csv", [GOOD_ROWS[0]])
     (tmp_path / "out").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "out" / "a.png")
-    jobs = read_manifest(manifest, batch._job_defaults(batch.build_parser().parse_args(["x", *net])))
-    assert not batch._is_finished(jobs[0])
+    jobs = read_manifest(manifest, job_defaults(build_parser().parse_args(["x", *net])))
+    assert not jobs[0].is_finished()
     report = tmp_path / "out" / "a.png.json"
     report.write_text(json.dumps({"status": "ok", "fingerprint": jobs[0].fingerprint}))
-    assert batch._is_finished(jobs[0])
+    assert jobs[0].is_finished()
     report.write_text(json.dumps({"status": "ok", "fingerprint": "another job"}))
-    assert not batch._is_finished(jobs[0])
+    assert not jobs[0].is_finished()
     report.write_text("{truncated")
-    assert not batch._is_finished(jobs[0])
+    assert not jobs[0].is_finished()
 
 
 # ------------------------------------------------------------------------------------------------ manifests
 
 
 def _defaults(*argv: str) -> dict[str, Any]:
-    return batch._job_defaults(batch.build_parser().parse_args(["m.csv", *argv]))
+    return job_defaults(build_parser().parse_args(["m.csv", *argv]))
 
 
 def test_manifest_columns_paths_and_overrides(tmp_path: Path) -> None:
@@ -179,7 +181,7 @@ def test_manifest_columns_paths_and_overrides(tmp_path: Path) -> None:
 def test_fingerprint_follows_what_a_job_computes(tmp_path: Path) -> None:
     manifest = tmp_path / "jobs.csv"
 
-    def job(extra: str = "", header: str = "") -> batch.Job:
+    def job(extra: str = "", header: str = "") -> Job:
         manifest.write_text(f"style,content,output{header}\na.png,c.png,o.png{extra}\n")
         return read_manifest(manifest, _defaults())[0]
 
@@ -218,8 +220,8 @@ def test_bad_row_fails_its_job_before_running(tmp_path: Path) -> None:
     jobs = read_manifest(manifest, _defaults())
     problems = [j.problem for j in jobs]
     assert problems[0] is not None and "line 2" in problems[0] and "needs a whole number" in problems[0]
-    assert problems[1] is not None and "invalid choice: 'median'" in problems[1]
-    assert problems[2] is not None and "original_colors must be one of" in problems[2]
+    assert problems[1] is not None and "--pooling must be one of avg, max, got 'median'" in problems[1]
+    assert problems[2] is not None and "--original-colors must be yes or no" in problems[2]
     assert problems[3] is not None and "no style image" in problems[3]
     assert problems[4] is None and jobs[4].options["pooling"] == "max"
 
@@ -243,7 +245,7 @@ def test_two_workers_give_the_same_images(tmp_path: Path, net: list[str], refere
     for name, pixels in reference.items():
         assert np.array_equal(_pixels(tmp_path / name), pixels), name
     reports = [json.loads((tmp_path / f"{row['output']}.json").read_text()) for row in GOOD_ROWS]
-    assert {r["threads"] for r in reports} == {1}  # 2 cores / 2 workers, as in the reference run
+    assert {r["threads"] for r in reports} == {max(1, cpu_count() // 2)}  # the cores shared by the workers
     loads = _fresh_loads_per_worker(tmp_path)
     assert all(n == 1 for n in loads.values()) and 1 <= len(loads) <= 2
 
@@ -275,7 +277,7 @@ def test_unreachable_dask_scheduler_is_one_line(tmp_path: Path, capsys: pytest.C
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
 
 
-def crash_on_job_2(task: Task) -> batch.Outcome:
+def crash_on_job_2(task: Task) -> Outcome:
     """Stands in for a segfault or the OOM killer; spawned workers import it from here."""
     if task.job == 2:
         os._exit(3)
@@ -292,7 +294,7 @@ def test_a_dying_worker_fails_only_its_job(tmp_path: Path, net: list[str]) -> No
     assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "out" / "c.png").is_file()
 
 
-def slow_task(task: Task) -> batch.Outcome:
+def slow_task(task: Task) -> Outcome:
     time.sleep(0.5)
     return run_task(task)
 
@@ -346,21 +348,21 @@ def test_batch_sh_runs_every_pair(tmp_path: Path, net: list[str]) -> None:
     assert res.returncode == 0 and "4 finished before, 0 to run" in res.stderr
 
 
-def always_crash(task: Any) -> batch.Outcome:
+def always_crash(task: Any) -> Outcome:
     os._exit(3)
 
 
 def test_a_job_submitted_to_a_pool_that_just_broke_counts_as_died() -> None:
     from concurrent.futures import wait as wait_futures
 
-    backend = batch._LocalBackend(1, 1, always_crash)
+    backend = backends.LocalBackend(1, 1, always_crash)
     try:
         first = backend.submit(object())  # type: ignore[arg-type]
         wait_futures([first], timeout=120)
-        assert isinstance(backend.outcome(first), batch._Died)
+        assert isinstance(backend.outcome(first), backends.Died)
         # The driver has not looked yet: the next submission meets the broken pool and must not raise.
         second = backend.submit(object())  # type: ignore[arg-type]
-        assert isinstance(backend.outcome(second), batch._Died)
+        assert isinstance(backend.outcome(second), backends.Died)
     finally:
         backend.recover()
         backend.pool.shutdown(wait=True)
