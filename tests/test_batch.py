@@ -20,6 +20,7 @@ from style_transfer.batch import Outcome, Task, backends, batch_main, read_manif
 from style_transfer.batch.cli import build_parser, job_defaults
 from style_transfer.batch.manifest import Job
 from style_transfer.batch.worker import cpu_count
+from style_transfer.options import FINGERPRINTED
 from tests import tinynets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +193,18 @@ def test_fingerprint_follows_what_a_job_computes(tmp_path: Path) -> None:
     half = job(",bf16", ",precision")
     assert half.options["precision"] == "bf16" and half.fingerprint != plain
     assert job(",fp8", ",precision").problem is not None
+    # options.py's table says what counts: where a job runs and what it prints, nothing it computes.
+    assert set(job().options) - FINGERPRINTED == {"gpu", "models_dir", "max_pixels", "verbose", "download_missing"}
+
+
+def test_fingerprint_is_the_one_earlier_versions_wrote(tmp_path: Path) -> None:
+    """Jobs finished before the option table existed stay finished: the same job gives the same fingerprint."""
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("style,content,output,seed,init,style_weights,original_colors,ratio,length\n"
+                        "/a/s.png;/a/t.png,/a/c.png,/a/o.png,7,/a/i.png,1;3,yes,5e3,100\n"
+                        "/a/s.png,/a/c.png,/a/p.png,,,,,,\n")
+    jobs = read_manifest(manifest, _defaults("--tv-weight", "2", "--scales", "2"))
+    assert [j.fingerprint for j in jobs] == ["d209edc1053d92e0", "d7179f01f891b267"]
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -228,10 +241,17 @@ def test_bad_row_fails_its_job_before_running(tmp_path: Path) -> None:
 
 def test_options_that_are_columns_or_extra_files_are_refused(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["-s", "x.png"], ["-o", "x.png"], ["--report", "r.json"], ["--animation", "a.gif"]):
+    refused = {"-s/--style-img": ["-s", "x.png", "y.png"], "-c/--content-img": ["-c", "x.png"],
+               "-o/--output": ["-o", "x.png"], "--report": ["--report", "r.json"],
+               "--save-every": ["--save-every", "5"], "--animation": ["--animation", "a.gif"],
+               "--download": ["--download", "vgg16"], "--mirror": ["--mirror", "m"]}
+    for label, argv in refused.items():
         assert batch_main([str(tmp_path / "m.csv"), *argv]) == 2
-    err = capsys.readouterr().err
-    assert "manifest column 'style'" in err and "--animation is not an option of style.py batch" in err
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"style.py batch: error: {label} is not an option of style.py batch"), err
+        assert "\n" not in err
+        column = {"-s/--style-img": "style", "-c/--content-img": "content", "-o/--output": "output"}.get(label)
+        assert (f"; it is the manifest column {column!r}" in err) == (column is not None)
     assert batch_main([str(tmp_path / "m.csv"), "--workers", "2", "--dask-scheduler", "tcp://x:1"]) == 2
 
 
@@ -348,6 +368,15 @@ def test_batch_sh_runs_every_pair(tmp_path: Path, net: list[str]) -> None:
     assert res.returncode == 0 and "4 finished before, 0 to run" in res.stderr
 
 
+def test_python_dash_m_runs_the_batch(tmp_path: Path) -> None:
+    _images(tmp_path)
+    manifest = _manifest(tmp_path / "jobs.csv", [GOOD_ROWS[0]])
+    res = subprocess.run([sys.executable, "-m", "style_transfer.batch", str(manifest), "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    assert "out/a.png  would run" in res.stdout
+
+
 def always_crash(task: Any) -> Outcome:
     os._exit(3)
 
@@ -366,3 +395,29 @@ def test_a_job_submitted_to_a_pool_that_just_broke_counts_as_died() -> None:
     finally:
         backend.recover()
         backend.pool.shutdown(wait=True)
+
+
+def sleep_after_marking(marker: Path) -> Outcome:
+    marker.write_text(str(os.getpid()))
+    time.sleep(120)
+    return Outcome("ok")
+
+
+def test_abandoning_ends_the_running_worker_processes(tmp_path: Path) -> None:
+    """The second Ctrl-C: a running job's process is ended, not waited for."""
+    from concurrent.futures import wait as wait_futures
+
+    backend = backends.LocalBackend(1, 1, sleep_after_marking)  # type: ignore[arg-type]
+    marker = tmp_path / "running"
+    future = backend.submit(marker)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the job never started"
+    started = time.monotonic()
+    backend.abandon([future])
+    assert time.monotonic() - started < 60
+    wait_futures([future], timeout=30)
+    assert isinstance(backend.outcome(future), backends.Died)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(marker.read_text()), 0)
