@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -186,9 +187,7 @@ class Batch:
         for record in self.records.values():
             if record.status == "pending":
                 record.status = "not run"
-        counts: dict[str, int] = {}
-        for record in self.records.values():
-            counts[record.status] = counts.get(record.status, 0) + 1
+        counts = dict(Counter(record.status for record in self.records.values()))
         code = EXIT_INTERRUPTED if interrupted else EXIT_FAILED if counts.get("failed") else EXIT_OK
         data = {"manifest": str(self.manifest), "mode": mode,
                 "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
@@ -252,20 +251,17 @@ def run(args: argparse.Namespace, jobs: list[Job], task_function: TaskFunction) 
     say(f"{len(jobs)} job(s): {len(jobs) - len(pending)} finished before, {len(pending)} to run on {mode}")
     started = time.time()
     interrupted = False
-    if pending and args.dask_scheduler:
-        say(f"connecting to the Dask scheduler at {args.dask_scheduler}")
-        backend: Backend = DaskBackend(args.dask_scheduler, args.threads, task_function)
-        try:
-            with Interrupts() as interrupts:
-                interrupted = batch.drive(backend, pending, args.threads, interrupts)
-        finally:
-            backend.close()
-    elif pending:
-        with child_thread_limits(threads):
-            backend = LocalBackend(workers, threads, task_function)
+    if pending:
+        with contextlib.nullcontext() if args.dask_scheduler else child_thread_limits(threads):
+            if args.dask_scheduler:
+                say(f"connecting to the Dask scheduler at {args.dask_scheduler}")
+                backend: Backend = DaskBackend(args.dask_scheduler, args.threads, task_function)
+            else:
+                backend = LocalBackend(workers, threads, task_function)
             try:
                 with Interrupts() as interrupts:
-                    interrupted = batch.drive(backend, pending, threads, interrupts)
+                    interrupted = batch.drive(backend, pending, args.threads if args.dask_scheduler else threads,
+                                              interrupts)
             finally:
                 backend.close()
     summary, code = batch.summary(started, interrupted, mode)
