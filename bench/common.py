@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from style_transfer import images
 from style_transfer.caffe_model.loader import load_net
 from style_transfer.caffe_model.net import Net
 from style_transfer.caffe_model.registry import get_model
-from style_transfer.engines import Engine, create_engine
+from style_transfer.engines import Engine, Evaluation, create_engine
 from style_transfer.losses import Objective, gram_numpy
 
 SHARED_IMAGES = REPO.parent / "shared" / "images"
@@ -36,6 +37,7 @@ class Case:
     x0: np.ndarray  # preprocessed content image, float32 3 x H x W
     lower: np.ndarray
     upper: np.ndarray
+    evaluate: Callable[[np.ndarray], Evaluation]  # the objective bound to the engine
 
     @property
     def height(self) -> int:
@@ -82,9 +84,13 @@ def build_case(model: str, engine_name: str, length: int, *, pooling: str = "avg
                           ratio=ratio, content_targets=content_feats,
                           style_targets={k: gram_numpy(v)[None] for k, v in style_feats.items()},
                           style_blend=np.ones(1))
-    engine.set_objective(objective)
+    if hasattr(engine, "bind"):
+        evaluate = engine.bind(objective)
+    else:  # the torch engine as an older revision wrote it (bench/worker.py's "torch-rev:"), before bind
+        engine.set_objective(objective)  # type: ignore[attr-defined]
+        evaluate = engine.evaluate  # type: ignore[attr-defined]
     lower, upper = images.pixel_bounds(*content.shape[:2])
-    return Case(model, kind, engine, objective, content_x.astype(np.float32), lower, upper)
+    return Case(model, kind, engine, objective, content_x.astype(np.float32), lower, upper, evaluate)
 
 
 def machine() -> dict[str, str]:

@@ -20,7 +20,13 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from style_transfer import images
+from style_transfer.engines import Evaluator
+from style_transfer.losses import Objective
+from style_transfer.optimize import Step
 from style_transfer.transfer import StyleTransfer
+
+RATIO = 1e4
+STYLE_SCALE = 1.2
 
 
 def run_for(st: StyleTransfer, content: np.ndarray, style: np.ndarray, length: int, budget: float, scales: int,
@@ -30,18 +36,23 @@ def run_for(st: StyleTransfer, content: np.ndarray, style: np.ndarray, length: i
     The budget is counted in full-size evaluations (an evaluation at a smaller size costs its pixel share), which
     is what wall time measures on an idle machine but stays fair when other jobs share the CPU.
     """
-    run = st.stylize(content, [style], length=length, iterations=iterations, scales=scales)
+    run = st.stylize(content, [style], length=length, iterations=iterations, scales=scales, ratio=RATIO,
+                     style_scale=STYLE_SCALE)
     start = time.perf_counter()
     last = None
     spent = 0.0
     seen = 0
-    for step in run.steps():
+
+    def on_step(step: Step) -> None:
+        nonlocal last, spent, seen
         size = run.plan[step.scale][0]
         spent += (step.evaluations - seen) * (size / length) ** 2
         seen = step.evaluations
         last = step
         if spent >= budget and step.scale == len(run.plan) - 1:
-            break
+            raise StopIteration
+
+    run.run(on_step)
     assert last is not None
     return last.image, last.iteration, time.perf_counter() - start
 
@@ -71,16 +82,25 @@ def main() -> None:
         image, done, seconds = run_for(st, content, style, args.length, args.budget, scales, iterations)
         results.append((name, image, done, seconds))
     # Score everything on the single-scale objective at full size.
-    scorer = st.stylize(content, [style], length=args.length, iterations=1)
-    scorer._set_objective(images.resize_long_side(content, args.length), args.length)
+    score = full_size_objective(st, content, style, args.length)
     tiles = []
     for name, image, done, seconds in results:
-        loss = st.engine.evaluate(image).loss
+        loss = score(image).loss
         rgb = images.deprocess(image)
         images.save_image(out / f"{name.replace(' ', '_')}.png", rgb)
         print(json.dumps({"variant": name, "iterations": done, "seconds": round(seconds, 1), "loss": loss}))
         tiles.append((f"{name}: {done} it, {seconds:.0f} s, loss {loss:.3g}", rgb))
     _sheet(tiles, out / "sheet.png")
+
+
+def full_size_objective(st: StyleTransfer, content: np.ndarray, style: np.ndarray, length: int) -> Evaluator:
+    """The objective a single-scale run at `length` minimises, bound to the model's engine."""
+    content = images.resize_long_side(content, length)
+    grams = st.style_grams(images.resize_long_side(style, round(length * STYLE_SCALE)))
+    return st.engine.bind(Objective(
+        content_weights=st.content_weights, style_weights=st.style_weights, ratio=RATIO,
+        content_targets=st.engine.features(images.preprocess(content), list(st.content_weights)),
+        style_targets={layer: grams[layer][None] for layer in st.style_weights}))
 
 
 def _iterations_for(st: StyleTransfer, content: np.ndarray, style: np.ndarray, length: int, scales: int,

@@ -222,10 +222,10 @@ def run_variant(variant: Variant, length: int, iters: int, model: str = "vgg16",
     engine = _make_engine(variant.engine, model, variant.precision)
     images_kw = {} if pair is None else {"content_path": pair[0], "style_path": pair[1]}
     case = build_case(model, "torch", length, engine=engine, **images_kw)
-    case.engine.evaluate(case.x0)
+    case.evaluate(case.x0)
     checker = None
     if variant.precision != "fp32":
-        checker = build_case(model, "torch", length, engine=_make_engine("fast", model), **images_kw).engine
+        checker = build_case(model, "torch", length, engine=_make_engine("fast", model), **images_kw).evaluate
     shape = case.x0.shape
     lower, upper = case.lower.astype(np.float64), case.upper.astype(np.float64)
     param: Parametrisation
@@ -262,7 +262,7 @@ def run_variant(variant: Variant, length: int, iters: int, model: str = "vgg16",
         y = v.reshape(shape)
         x = param.forward(y)
         xc = np.clip(x, lower, upper)
-        ev = case.engine.evaluate(xc.astype(np.float32))
+        ev = case.evaluate(xc.astype(np.float32))
         g = ev.grad.astype(np.float64)
         if variant.param != "pixels":
             # The projection's derivative: pixels held at a bound do not move with y.
@@ -279,7 +279,7 @@ def run_variant(variant: Variant, length: int, iters: int, model: str = "vgg16",
                 iterations.append((now, float("nan"), len(evals)))
                 return
             with clock.paused():
-                objective = float(checker.evaluate(image_of(v)).loss)
+                objective = float(checker(image_of(v)).loss)
         iterations.append((now, objective, len(evals)))
         while pending and now >= pending[0]:
             snapshot(v, now, f"{pending.pop(0):04d}s")

@@ -98,7 +98,7 @@ def serve(inbox: IO[str], outbox: IO[str]) -> None:
     cuda = str(getattr(engine, "device", "")).startswith("cuda")
     sync = _cuda_sync if cuda else (lambda: None)
     for _ in range(int(config.get("warmup", 2))):
-        case.engine.evaluate(case.x0)
+        case.evaluate(case.x0)
     sync()
     send({"status": "ready", "height": case.height, "width": case.width, "weights": case.weights_kind,
           "device": str(getattr(engine, "device", "?")), "threads": _threads()})
@@ -106,7 +106,7 @@ def serve(inbox: IO[str], outbox: IO[str]) -> None:
         command = json.loads(line)
         if command["do"] == "evaluate":
             r0, c0, t0 = _rusage(), time.process_time(), time.perf_counter()
-            ev = case.engine.evaluate(case.x0)
+            ev = case.evaluate(case.x0)
             sync()
             t1, c1, r1 = time.perf_counter(), time.process_time(), _rusage()
             send({"wall": t1 - t0, "cpu": c1 - c0, "minflt": r1.ru_minflt - r0.ru_minflt, "loss": ev.loss})

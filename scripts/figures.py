@@ -130,29 +130,32 @@ class Runner:
     def run(self, model: str, content: np.ndarray, style: np.ndarray, iterations: int,
             snapshots: Sequence[int] = ()) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, float]], float]:
         """The final image, {iteration: (image, loss)} at the snapshot counts, and the seconds taken."""
+        from style_transfer import images
+
         a = self.args
         run = self.model(model).stylize(content, [style], ratio=a.ratio, iterations=iterations, length=a.length,
                                         init=a.init, seed=a.seed)
         taken: dict[int, tuple[np.ndarray, float]] = {}
         started = time.perf_counter()
         last = None
-        for step in run.steps():
+
+        def on_step(step: Any) -> None:
+            nonlocal last
             last = step
             if step.iteration in snapshots:
                 loss = step.evaluation.loss if step.evaluation is not None else float("nan")
-                taken[step.iteration] = (run.to_rgb(step.image), loss)
+                taken[step.iteration] = (images.deprocess(step.image), loss)
                 _say(f"  {model}: iteration {step.iteration}, loss {loss:.4g}")
+
+        result = run.run(on_step)
         seconds = time.perf_counter() - started
-        final = run.result.image if run.result.image is not None else (last.image if last is not None else None)
-        if final is None:
-            raise SystemExit("figures: the optimisation stopped before its first iteration")
         if last is not None:
             # Runs that stop early still get a snapshot tile for every count, marked with where they stopped.
             for count in snapshots:
                 if count not in taken and count > last.iteration:
                     loss = last.evaluation.loss if last.evaluation is not None else float("nan")
-                    taken[count] = (run.to_rgb(last.image), loss)
-        return run.to_rgb(final), taken, seconds
+                    taken[count] = (images.deprocess(last.image), loss)
+        return result.rgb, taken, seconds
 
 
 def _scaled(count: int, scale: float) -> int:

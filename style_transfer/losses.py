@@ -1,4 +1,7 @@
-"""The objective of Gatys et al. as the original tool wrote it, in PyTorch (autograd) and NumPy (explicit gradients).
+"""The objective of Gatys, Ecker & Bethge (2016, "Image Style Transfer Using Convolutional Neural Networks") as the
+original Caffe tool (Frank Liu's style.py) wrote it, in three forms: torch expressions for autograd (the plain
+formulation), torch with hand-written feature gradients (what the torch engine runs), NumPy with explicit gradients
+(what the Caffe engine runs).
 
 Per style layer with C channels and H x W positions, F the C x HW features and G = F F^T (not normalised):
     ratio * w / (4 C^2 (HW)^2) * sum_s b_s * sum (G - A_s)^2       (A_s: Gram matrix of style image s, b_s its blend)
@@ -10,6 +13,7 @@ Total variation of the image x (3 x H x W), optional:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +22,7 @@ import torch
 
 @dataclass
 class Objective:
-    """Targets and weights; the engines read it and keep their own copies of the targets."""
+    """Targets and weights; each evaluator bound to it keeps its own copies of the targets."""
 
     content_weights: dict[str, float]
     style_weights: dict[str, float]
@@ -34,6 +38,7 @@ class Objective:
 
 
 def gram_numpy(features: np.ndarray) -> np.ndarray:
+    """G = F F^T of C x H x W features, not normalised (as the original)."""
     f = features.reshape(features.shape[0], -1)
     return f @ f.T
 
@@ -44,30 +49,130 @@ def gram_torch(features: torch.Tensor) -> torch.Tensor:
 
 
 def style_scale(features_shape: tuple[int, ...]) -> float:
+    """1 / (4 C^2 (HW)^2): the original's c/4 with c = 1 / (N_l^2 M_l^2), Gatys et al.'s E_l normalisation."""
     c = features_shape[0]
     hw = int(np.prod(features_shape[1:]))
     return 1.0 / (4.0 * c * c * hw * hw)
 
 
+# ----------------------------------------------------------------------------------------------- autograd (plain)
+
+
 def style_loss_torch(features: torch.Tensor, targets: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-    """Unweighted per-layer style loss; targets S x C x C, blend S."""
+    """Unweighted style loss of one layer, 1 / (4 C^2 (HW)^2) * sum_s b_s sum (G - A_s)^2; targets S x C x C,
+    blend S (Gatys et al. eq. 4; style.py's `_compute_style_gradient`)."""
     diff = gram_torch(features).unsqueeze(0) - targets
     per_style = diff.pow(2).sum(dim=(1, 2))
     return style_scale(tuple(features.shape)) * (per_style * blend).sum()
 
 
 def content_loss_torch(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Unweighted content loss of one layer, 1/2 sum (F - P)^2 (Gatys et al. eq. 1; style.py's
+    `_compute_content_gradient`)."""
     return 0.5 * (features - target).pow(2).sum()
 
 
 def tv_loss_torch(image: torch.Tensor) -> torch.Tensor:
+    """Unweighted total variation, the sum of squared differences of vertical and horizontal neighbours (the
+    beta = 2 regulariser of Mahendran & Vedaldi 2015, without the square root)."""
     dh = image[:, 1:, :] - image[:, :-1, :]
     dw = image[:, :, 1:] - image[:, :, :-1]
     return dh.pow(2).sum() + dw.pow(2).sum()
 
 
+# ----------------------------------------------------------------------------------------------- torch, by hand
+
+
+@dataclass(frozen=True)
+class TorchTargets:
+    """An objective's targets as tensors of one engine (device, dtype; the content targets in the memory layout of
+    the features they meet, so differences run over contiguous memory)."""
+
+    content: dict[str, torch.Tensor]  # 1 x C x H x W
+    style: dict[str, torch.Tensor]  # S x C x C
+    style_mean: dict[str, torch.Tensor]  # sum_s b_s A_s, C x C
+    blend: torch.Tensor  # S
+    blend_sum: float
+
+    @classmethod
+    def of(cls, objective: Objective, tensor: Callable[[np.ndarray], torch.Tensor],
+           memory_format: torch.memory_format) -> TorchTargets:
+        with torch.no_grad():
+            content = {k: tensor(v).unsqueeze(0).contiguous(memory_format=memory_format)
+                       for k, v in objective.content_targets.items()}
+            style = {k: tensor(v) for k, v in objective.style_targets.items()}
+            blend = tensor(objective.style_blend)
+            # sum_s b_s (G - A_s) = (sum b) G - sum_s b_s A_s: the gradient needs only the blended target.
+            style_mean = {k: torch.tensordot(blend, v, dims=1) for k, v in style.items()}
+        return cls(content, style, style_mean, blend, float(np.sum(objective.style_blend)))
+
+
+def weighted_terms_torch(obj: Objective, targets: TorchTargets, feats: dict[str, torch.Tensor],
+                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Each weighted term ("style:<blob>", "content:<blob>") as a torch expression of C x H x W features, for
+    autograd: ratio * w * style_loss_torch, w * content_loss_torch."""
+    terms: dict[str, torch.Tensor] = {}
+    for layer, w in obj.style_weights.items():
+        terms[f"style:{layer}"] = (obj.ratio * w) * style_loss_torch(feats[layer].to(dtype), targets.style[layer],
+                                                                      targets.blend)
+    for layer, w in obj.content_weights.items():
+        terms[f"content:{layer}"] = w * content_loss_torch(feats[layer].to(dtype), targets.content[layer][0])
+    return terms
+
+
+def terms_and_feature_grads(obj: Objective, targets: TorchTargets, feats: dict[str, torch.Tensor],
+                            dtype: torch.dtype) -> tuple[dict[str, float], list[torch.Tensor], list[torch.Tensor]]:
+    """Each weighted term's value, and the gradient of the style and content terms with respect to each feature
+    blob (1 x C x H x W, NCHW or NHWC): returns (terms, blobs, gradients) for torch.autograd.grad(blobs, x, grads).
+
+    Differentiated by hand, as the original did: with s = ratio * w / (4 C^2 (HW)^2),
+        d/dF  s sum_s b_s sum (G - A_s)^2 = 4 s ((sum b) G - sum_s b_s A_s) F      (G - A symmetric)
+        d/dF  w/2 sum (F - P)^2 = w (F - P)
+    One matrix product per style layer instead of autograd's two, and no graph through the Gram matrices. The
+    Gram matrices of half-precision features are computed in `dtype`.
+    """
+    values: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for layer, w in obj.style_weights.items():
+            f = feats[layer].detach().to(dtype)
+            n, c, h, wd = f.shape
+            s = style_scale((c, h, wd)) * obj.ratio * w
+            nhwc = is_nhwc(f)
+            # NHWC memory is an HW x C matrix: G = F^T F and dL/dF = F (4 s (G - A)) need no transposed copy.
+            fm = f.permute(0, 2, 3, 1).reshape(n * h * wd, c) if nhwc else f.reshape(c, h * wd)
+            gram = torch.mm(fm.t(), fm) if nhwc else torch.mm(fm, fm.t())
+            diff = gram.unsqueeze(0) - targets.style[layer]
+            per_style = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2
+            values[f"style:{layer}"] = (per_style * targets.blend).sum() * s
+            weighted = gram.mul_(targets.blend_sum).sub_(targets.style_mean[layer]).mul_(4.0 * s)
+            if nhwc:
+                grads[layer] = torch.mm(fm, weighted).reshape(n, h, wd, c).permute(0, 3, 1, 2)
+            else:
+                grads[layer] = torch.mm(weighted, fm).reshape(n, c, h, wd)
+        for layer, w in obj.content_weights.items():
+            f = feats[layer].detach().to(dtype)
+            diff = f - targets.content[layer]
+            values[f"content:{layer}"] = 0.5 * w * torch.linalg.vector_norm(diff) ** 2
+            diff.mul_(w)
+            grads[layer] = grads[layer].add_(diff) if layer in grads else diff
+        # One transfer for all the values (one synchronisation on a GPU).
+        numbers = torch.stack(list(values.values())).tolist() if values else []
+    terms = dict(zip(values, (float(v) for v in numbers), strict=True))
+    return terms, [feats[layer] for layer in grads], list(grads.values())
+
+
+def is_nhwc(t: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not also contiguous, as 1 x 1 maps are in both layouts)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+# ----------------------------------------------------------------------------------------------- NumPy, by hand
+
+
 def style_loss_numpy(features: np.ndarray, targets: np.ndarray, blend: np.ndarray) -> tuple[float, np.ndarray]:
-    """Unweighted per-layer style loss and its gradient with respect to `features` (same shape)."""
+    """Unweighted style loss of one layer (see style_loss_torch) and its gradient with respect to `features`,
+    4 / (4 C^2 (HW)^2) sum_s b_s (G - A_s) F, as style.py computed it."""
     c = features.shape[0]
     f = features.reshape(c, -1)
     diff = (f @ f.T)[None] - targets
@@ -80,11 +185,13 @@ def style_loss_numpy(features: np.ndarray, targets: np.ndarray, blend: np.ndarra
 
 
 def content_loss_numpy(features: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+    """Unweighted content loss of one layer, 1/2 sum (F - P)^2, and its gradient F - P."""
     diff = features - target
     return 0.5 * float(np.sum(np.square(diff, dtype=np.float64))), diff
 
 
 def tv_loss_numpy(image: np.ndarray) -> tuple[float, np.ndarray]:
+    """Unweighted total variation (see tv_loss_torch) and its gradient with respect to the image."""
     dh = image[:, 1:, :] - image[:, :-1, :]
     dw = image[:, :, 1:] - image[:, :, :-1]
     loss = float(np.sum(np.square(dh, dtype=np.float64)) + np.sum(np.square(dw, dtype=np.float64)))

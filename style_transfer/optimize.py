@@ -1,15 +1,13 @@
-"""scipy's L-BFGS-B as a generator of iterations, so callers decide about progress, saving and stopping."""
+"""scipy's L-BFGS-B run in the caller's thread, reporting each iteration to a callback that may stop the run."""
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize
+from scipy.optimize import Bounds, minimize
 
 from style_transfer.engines.base import Evaluation
 from style_transfer.errors import StyleTransferError
@@ -34,8 +32,11 @@ class Result:
     message: str = ""
     iterations: int = 0
     evaluations: int = 0
-    stopped_early: bool = False  # ended before max_iter for a reason other than the caller closing the generator
-    image: np.ndarray | None = None  # scipy's final x, float32 3 x H x W
+    stopped_early: bool = False  # ended before max_iter for a reason other than the caller stopping it
+    image: np.ndarray | None = None  # the final iterate, float32 3 x H x W
+    stop_reason: str = ""  # "stopped", "interrupted", "nonfinite", or scipy's message
+    error: str | None = None  # the NonFiniteLossError's message
+    last_evaluation: Evaluation | None = None  # the objective at `image`, when it was evaluated there
 
 
 def lbfgsb_options(max_iter: int, memory: int = 8, ftol: float = 0.0, gtol: float = 0.0) -> dict[str, Any]:
@@ -45,15 +46,11 @@ def lbfgsb_options(max_iter: int, memory: int = 8, ftol: float = 0.0, gtol: floa
             "maxls": 40}
 
 
-class _Stop(Exception):
-    pass
-
-
 class LBFGSB:
-    """Minimise `evaluate` from `x0` within per-pixel bounds; iterate over `steps()`, then read `result`.
+    """Minimise `evaluate` from `x0` within per-pixel bounds with `run(on_step)`.
 
-    The vectors are float64 for scipy, the image handed to `evaluate` float32. scipy runs in a worker thread that
-    hands each iteration over and waits, so nothing runs ahead of the consumer and closing the generator stops it.
+    The vectors are float64 for scipy, the image handed to `evaluate` float32. scipy runs in the calling thread, so
+    a stop (StopIteration from `on_step`, Ctrl-C, a non-finite loss) never leaves an evaluation running behind it.
     """
 
     def __init__(self, evaluate: Callable[[np.ndarray], Evaluation], x0: np.ndarray, lower: np.ndarray,
@@ -61,7 +58,8 @@ class LBFGSB:
         self.evaluate = evaluate
         self.shape = x0.shape
         self.x0 = np.clip(x0, lower, upper).astype(np.float64).ravel()
-        self.bounds = np.stack([lower.astype(np.float64).ravel(), upper.astype(np.float64).ravel()], axis=1)
+        self.lower = lower.astype(np.float64).ravel()
+        self.upper = upper.astype(np.float64).ravel()
         self.max_iter = max_iter
         self.memory = memory
         self.ftol = ftol
@@ -86,55 +84,46 @@ class LBFGSB:
                 return ev
         return None
 
-    def steps(self) -> Iterator[Step]:
-        handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
-        resume = threading.Semaphore(0)
-        stop = threading.Event()
-        iteration = 0
+    def _image(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(self.shape).astype(np.float32)
 
-        def callback(intermediate_result: Any) -> None:
-            nonlocal iteration
-            iteration += 1
-            x = np.asarray(intermediate_result.x)
-            handoff.put(("step", Step(iteration, x.reshape(self.shape).astype(np.float32),
-                                      self._evaluation_at(x), self.evaluations)))
-            resume.acquire()
-            if stop.is_set():
-                raise _Stop
-
-        def work() -> None:
-            try:
-                res = minimize(self._fun, self.x0, jac=True, method="L-BFGS-B", bounds=self.bounds,
-                               callback=callback,
-                               options=lbfgsb_options(self.max_iter, self.memory, self.ftol, self.gtol))
-                handoff.put(("done", res))
-            except _Stop:
-                handoff.put(("stopped", None))
-            except BaseException as exc:  # handed to the consumer's thread, which re-raises it
-                handoff.put(("error", exc))
-
+    def run(self, on_step: Callable[[Step], None] | None = None) -> Result:
+        """Run to the end or until stopped; `on_step` sees each iteration and may raise StopIteration to stop."""
         if self.max_iter <= 0:
             raise StyleTransferError("the number of iterations must be at least 1")
-        worker = threading.Thread(target=work, name="lbfgsb", daemon=True)
-        worker.start()
+        last_x, iteration, stopped = self.x0, 0, False
+
+        def callback(intermediate_result: Any) -> None:
+            nonlocal last_x, iteration, stopped
+            iteration += 1
+            last_x = np.array(intermediate_result.x, dtype=np.float64)
+            if on_step is not None:
+                try:
+                    on_step(Step(iteration, self._image(last_x), self._evaluation_at(last_x), self.evaluations))
+                except StopIteration:
+                    stopped = True
+                    raise  # scipy ends the run on it
+
+        def ended(reason: str, message: str, error: str | None = None) -> Result:
+            return Result(message=message, iterations=iteration, evaluations=self.evaluations,
+                          stopped_early=reason == "nonfinite", image=self._image(last_x), stop_reason=reason,
+                          error=error, last_evaluation=self._evaluation_at(last_x))
+
         try:
-            while True:
-                kind, payload = handoff.get()
-                if kind == "step":
-                    yield payload
-                    resume.release()
-                    continue
-                if kind == "error":
-                    raise payload
-                if kind == "done":
-                    status = int(payload.status)
-                    message = payload.message if isinstance(payload.message, str) else payload.message.decode()
-                    self.result = Result(success=bool(payload.success), message=message, iterations=int(payload.nit),
-                                         evaluations=self.evaluations,
-                                         stopped_early=int(payload.nit) < self.max_iter and status != 1,
-                                         image=np.asarray(payload.x).reshape(self.shape).astype(np.float32))
-                return
-        finally:
-            if worker.is_alive():
-                stop.set()
-                resume.release()
+            res = minimize(self._fun, self.x0, jac=True, method="L-BFGS-B", bounds=Bounds(self.lower, self.upper),
+                           callback=callback, options=lbfgsb_options(self.max_iter, self.memory, self.ftol, self.gtol))
+        except KeyboardInterrupt:
+            self.result = ended("interrupted", "interrupted")
+        except NonFiniteLossError as exc:
+            self.result = ended("nonfinite", str(exc), str(exc))
+        else:
+            if stopped:
+                self.result = ended("stopped", "stopped by the caller")
+            else:
+                x = np.asarray(res.x, dtype=np.float64)
+                message = res.message if isinstance(res.message, str) else res.message.decode()
+                self.result = Result(success=bool(res.success), message=message, iterations=int(res.nit),
+                                     evaluations=self.evaluations,
+                                     stopped_early=int(res.nit) < self.max_iter and int(res.status) != 1,
+                                     image=self._image(x), stop_reason=message, last_evaluation=self._evaluation_at(x))
+        return self.result

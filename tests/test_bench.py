@@ -15,6 +15,7 @@ from bench.time_to_quality import Colour, Spectral
 from style_transfer.caffe_model.loader import load_net
 from style_transfer.caffe_model.reader import read_prototxt
 from style_transfer.caffe_model.registry import get_model
+from style_transfer.engines.base import Evaluator
 from style_transfer.engines.torch import TorchEngine, Tuning
 from style_transfer.errors import EngineError
 from style_transfer.losses import Objective, gram_numpy
@@ -120,7 +121,7 @@ def test_reparametrisations_have_true_adjoints_and_inverses(param: Colour | Spec
 
 
 def _engines_and_objective(tmp_path: Path, tunings: list[Tuning], precision: str = "fp32"
-                           ) -> tuple[list[TorchEngine], np.ndarray]:
+                           ) -> tuple[list[TorchEngine], list[Evaluator], np.ndarray]:
     proto, model = tinynets.write_net(tmp_path)
     net = load_net(proto, model, ["conv1", "conv2", "conv3"], "avg")
     rng = np.random.default_rng(5)
@@ -134,9 +135,7 @@ def _engines_and_objective(tmp_path: Path, tunings: list[Tuning], precision: str
                           style_targets={k: np.stack([g[k] for g in grams]) for k in style_layers},
                           style_blend=np.array([0.7, 0.3]), tv_weight=0.01)
     engines = [reference] + [TorchEngine(net, "avg", tuning=t, precision=precision) for t in tunings]
-    for e in engines:
-        e.set_objective(objective)
-    return engines, rng.uniform(-100, 100, (3, 16, 16)).astype(np.float32)
+    return engines, [e.bind(objective) for e in engines], rng.uniform(-100, 100, (3, 16, 16)).astype(np.float32)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -162,12 +161,12 @@ def test_speed_choices_keep_the_numbers(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(torch_engine._WinogradConv, "apply", counting)
     tunings = [Tuning(), Tuning(channels_last=False), Tuning(manual_loss_grad=False), Tuning(winograd=False),
                Tuning(winograd=True, channels_last=False), Tuning(inplace_relu=False, channels_last=True)]
-    engines, x = _engines_and_objective(tmp_path, tunings)
+    engines, evaluators, x = _engines_and_objective(tmp_path, tunings)
     assert any(op.winograd for op in engines[1]._ops)
     assert not any(op.winograd for op in engines[4]._ops)
-    want = engines[0].evaluate(x)
-    for engine in engines[1:]:
-        got = engine.evaluate(x)
+    want = evaluators[0](x)
+    for engine, evaluate in zip(engines[1:], evaluators[1:], strict=True):
+        got = evaluate(x)
         assert got.loss == pytest.approx(want.loss, rel=1e-5)
         for key in want.layers:
             assert got.layers[key] == pytest.approx(want.layers[key], rel=1e-4, abs=1e-6 * want.loss)
@@ -184,10 +183,10 @@ def test_speed_choices_keep_the_numbers(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_evaluations_do_not_share_gradient_memory(tmp_path: Path) -> None:
-    engines, x = _engines_and_objective(tmp_path, [Tuning()])
-    first = engines[1].evaluate(x)
+    _, evaluators, x = _engines_and_objective(tmp_path, [Tuning()])
+    first = evaluators[1](x)
     kept = first.grad.copy()
-    engines[1].evaluate(x + 1.0)
+    evaluators[1](x + 1.0)
     np.testing.assert_array_equal(first.grad, kept)
 
 
@@ -195,8 +194,8 @@ def test_evaluations_do_not_share_gradient_memory(tmp_path: Path) -> None:
 def test_half_precisions_run_and_stay_close(tmp_path: Path, precision: str) -> None:
     """The autocast modes (meant for CUDA) run on the CPU too, which checks their logic here: finite results near
     float32's, and float16's scaling of the injected gradients undone."""
-    engines, x = _engines_and_objective(tmp_path, [Tuning()], precision=precision)
-    want, got = engines[0].evaluate(x), engines[1].evaluate(x)
+    _, evaluators, x = _engines_and_objective(tmp_path, [Tuning()], precision=precision)
+    want, got = evaluators[0](x), evaluators[1](x)
     assert np.isfinite(got.loss) and np.all(np.isfinite(got.grad))
     assert got.loss == pytest.approx(want.loss, rel=0.1)
     cosine = np.vdot(got.grad, want.grad) / (np.linalg.norm(got.grad) * np.linalg.norm(want.grad))

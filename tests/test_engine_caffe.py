@@ -27,7 +27,7 @@ from style_transfer.engines.torch import TorchEngine
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import Objective
 from tests import tinynets
-from tests.test_parity import assert_evaluations_match, compare_engines, require_caffe
+from tests.test_parity import assert_evaluations_match, compare_engines, objective_for, random_image, require_caffe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -239,9 +239,34 @@ def test_no_weight_gradients_and_the_input_gradient_is_there(tmp_path: Path) -> 
     # Only the total-variation term: no net pass at all.
     tv_only = Objective(content_weights={}, style_weights={}, ratio=1.0, tv_weight=0.5)
     x = np.random.default_rng(2).uniform(-100, 100, (3, 12, 14)).astype(np.float32)
-    for e in (engine, torch_engine):
-        e.set_objective(tv_only)
-    assert_evaluations_match(engine.evaluate(x), torch_engine.evaluate(x))
+    assert_evaluations_match(engine.bind(tv_only).evaluate(x), torch_engine.bind(tv_only).evaluate(x))
+
+
+@pytest.mark.caffe
+def test_evaluators_used_in_turn_give_what_each_gives_alone(tmp_path: Path) -> None:
+    """Two runs from one Caffe net, stepped in turn (different targets, blobs and image sizes): no target, shape or
+    blob diff of one leaks into the other, so each gives bit for bit what it gives on an engine of its own."""
+    caffe = require_caffe()
+    proto, model = tinynets.write_net(tmp_path)
+    net = load_net(proto, model, ["conv1", "conv2", "conv3"], "avg")
+    rng = np.random.default_rng(8)
+    shared = caffe_engine.CaffeEngine(net, "avg", "cpu", caffe=caffe)
+    objectives = [
+        objective_for(shared, {"conv1": 0.5, "conv3": 0.5}, {"conv2": 1.0}, random_image(rng, 28, 24),
+                      random_image(rng, 20, 24), tv_weight=0.01),
+        objective_for(shared, {"conv2": 1.0}, {"conv1": 1.0}, random_image(rng, 36, 36), random_image(rng, 28, 32)),
+    ]
+    images = [[random_image(rng, *size) for _ in range(3)] for size in ((20, 24), (28, 32))]
+    alone = []
+    for objective, xs in zip(objectives, images, strict=True):
+        evaluate = caffe_engine.CaffeEngine(net, "avg", "cpu", caffe=caffe).bind(objective)
+        alone.append([evaluate(x) for x in xs])
+    evaluators = [shared.bind(objective) for objective in objectives]
+    for step in range(3):
+        for which in (0, 1):
+            got, want = evaluators[which](images[which][step]), alone[which][step]
+            assert got.loss == want.loss and got.layers == want.layers
+            np.testing.assert_array_equal(got.grad, want.grad)
 
 
 @pytest.mark.caffe

@@ -11,7 +11,7 @@ import torch
 from style_transfer.caffe_model.loader import load_net
 from style_transfer.caffe_model.net import infer_shapes
 from style_transfer.caffe_model.reader import read_prototxt
-from style_transfer.engines.torch import TorchEngine, resolve_device
+from style_transfer.engines.torch import TorchEngine, Tuning, resolve_device
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import Objective, gram_numpy
 from tests import tinynets
@@ -120,9 +120,9 @@ def test_input_gradient_matches_finite_differences(tmp_path: Path, pooling: str)
     net = load_net(proto, model, ["conv1", "conv2", "conv3"], pooling)
     engine = TorchEngine(net, pooling, dtype=torch.float64)
     rng = np.random.default_rng(4)
-    engine.set_objective(_objective_for(engine, rng, 16))
+    evaluate = engine.bind(_objective_for(engine, rng, 16))
     x = rng.uniform(-100, 100, (3, 16, 16))
-    ev = engine.evaluate(x)
+    ev = evaluate(x)
     assert ev.grad.shape == x.shape
     eps = 1e-4
     for _ in range(12):
@@ -130,8 +130,31 @@ def test_input_gradient_matches_finite_differences(tmp_path: Path, pooling: str)
         xp, xm = x.copy(), x.copy()
         xp[idx] += eps
         xm[idx] -= eps
-        numeric = (engine.evaluate(xp).loss - engine.evaluate(xm).loss) / (2 * eps)
+        numeric = (evaluate(xp).loss - evaluate(xm).loss) / (2 * eps)
         assert numeric == pytest.approx(ev.grad[idx], rel=1e-5, abs=1e-6 * max(1.0, abs(ev.loss)) * 1e-3)
+
+
+@pytest.mark.parametrize("tuning", [Tuning(), Tuning.plain()], ids=["tuned", "plain"])
+def test_evaluators_used_in_turn_give_what_each_gives_alone(tmp_path: Path, tuning: Tuning) -> None:
+    """Two runs from one loaded model, stepped in turn (different targets and image sizes): each evaluator holds its
+    own objective, so the results are bit for bit those of each alone."""
+    proto, model = tinynets.write_net(tmp_path)
+    net = load_net(proto, model, ["conv1", "conv2", "conv3"], "avg")
+    rng = np.random.default_rng(6)
+    shared = TorchEngine(net, "avg", tuning=tuning)
+    objectives = [_objective_for(shared, rng, 16), _objective_for(shared, rng, 24)]
+    images = [[rng.uniform(-100, 100, (3, size, size)).astype(np.float32) for _ in range(3)] for size in (16, 24)]
+    alone = []
+    for objective, xs in zip(objectives, images, strict=True):
+        evaluate = TorchEngine(net, "avg", tuning=tuning).bind(objective)
+        alone.append([evaluate(x) for x in xs])
+    evaluators = [shared.bind(objective) for objective in objectives]
+    for step in range(3):
+        for which in (0, 1):
+            got, want = evaluators[which](images[which][step]), alone[which][step]
+            assert got.loss == want.loss and got.layers == want.layers
+            np.testing.assert_array_equal(got.grad, want.grad)
+    assert alone[0][0].loss != alone[1][0].loss
 
 
 def test_no_weight_gradients(tmp_path: Path) -> None:

@@ -51,9 +51,8 @@ def test_engine_loss_equals_numpy_reference(tmp_path: Path, n_styles: int) -> No
                     content_targets=engine.features(content, ["conv2"]),
                     style_targets={k: np.stack([g[k] for g in grams]) for k in ("conv1", "conv3")},
                     style_blend=blend, tv_weight=0.5)
-    engine.set_objective(obj)
     x = rng.uniform(-100, 100, (3, 16, 16))
-    ev = engine.evaluate(x)
+    ev = engine.bind(obj).evaluate(x)
     feats = engine.features(x, ["conv1", "conv2", "conv3"])
     want = reference_loss(feats, x, obj)
     assert ev.loss == pytest.approx(want, rel=1e-10)

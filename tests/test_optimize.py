@@ -1,14 +1,24 @@
-"""The L-BFGS-B generator: bounds, iteration hand-over, the final iterate, early stops and errors."""
+"""L-BFGS-B in the caller's thread: bounds, each iteration reported, the final iterate, stops, Ctrl-C and errors."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from style_transfer import optimize
 from style_transfer.engines.base import Evaluation
-from style_transfer.optimize import LBFGSB, NonFiniteLossError
+from style_transfer.optimize import LBFGSB, Step
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def quadratic(center: np.ndarray):  # type: ignore[no-untyped-def]
@@ -20,28 +30,52 @@ def quadratic(center: np.ndarray):  # type: ignore[no-untyped-def]
     return evaluate
 
 
-def test_never_leaves_bounds_and_yields_each_iteration() -> None:
+def quartic(center: np.ndarray):  # type: ignore[no-untyped-def]
+    """Flat near its minimum: L-BFGS-B needs many iterations and evaluations, unlike on a quadratic."""
+
+    def evaluate(x: np.ndarray) -> Evaluation:
+        d = (x - center).astype(np.float64)
+        loss = float(np.sum(d**4))
+        return Evaluation(loss, (4 * d**3).astype(np.float32), loss, 0.0, 0.0, {})
+
+    return evaluate
+
+
+# Different per pixel, so the problem does not collapse to a line search.
+CENTER = np.random.default_rng(5).uniform(-8, 8, (1, 4, 4)).astype(np.float32)
+
+
+def box(shape: tuple[int, ...], low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(shape, low, np.float32), np.full(shape, high, np.float32)
+
+
+def test_never_leaves_bounds_and_reports_each_iteration() -> None:
     rng = np.random.default_rng(0)
     shape = (3, 5, 4)
     center = rng.uniform(-300, 300, shape).astype(np.float32)  # mostly outside the box
-    lower = np.full(shape, -50, np.float32)
-    upper = np.full(shape, 80, np.float32)
+    lower, upper = box(shape, -50, 80)
     seen: list[np.ndarray] = []
 
     def evaluate(x: np.ndarray) -> Evaluation:
         seen.append(x.copy())
         return quadratic(center)(x)
 
+    steps: list[Step] = []
+    threads = threading.active_count()
     opt = LBFGSB(evaluate, rng.uniform(-400, 400, shape).astype(np.float32), lower, upper, max_iter=15)
-    steps = list(opt.steps())
+    result = opt.run(steps.append)
+    assert threading.active_count() == threads
+    assert result is opt.result
     assert [s.iteration for s in steps] == list(range(1, len(steps) + 1))
     for x in [*seen, *(s.image for s in steps)]:
         assert np.all(x >= lower) and np.all(x <= upper)
-    assert opt.result.image is not None
-    np.testing.assert_array_equal(opt.result.image, steps[-1].image)
+    assert result.image is not None
+    np.testing.assert_array_equal(result.image, steps[-1].image)
     np.testing.assert_allclose(steps[-1].image, np.clip(center, lower, upper), atol=1e-3)
     assert steps[-1].evaluation is not None
-    assert opt.result.evaluations == len(seen)
+    assert result.last_evaluation is steps[-1].evaluation
+    assert result.evaluations == len(seen)
+    assert result.stop_reason == result.message and result.error is None
 
 
 def test_runs_exactly_max_iter_on_a_hard_problem() -> None:
@@ -55,42 +89,161 @@ def test_runs_exactly_max_iter_on_a_hard_problem() -> None:
         grad = (2 * hess @ v + 4 * v**3).astype(np.float32).reshape(x.shape)
         return Evaluation(loss, grad, loss, 0.0, 0.0, {})
 
-    opt = LBFGSB(evaluate, np.ones((1, 5, 8), np.float32) * 3, np.full((1, 5, 8), -10, np.float32),
-                 np.full((1, 5, 8), 10, np.float32), max_iter=7)
-    steps = list(opt.steps())
-    assert len(steps) == 7 and opt.result.iterations == 7 and not opt.result.stopped_early
+    steps: list[Step] = []
+    opt = LBFGSB(evaluate, np.ones((1, 5, 8), np.float32) * 3, *box((1, 5, 8), -10, 10), max_iter=7)
+    result = opt.run(steps.append)
+    assert len(steps) == 7 and result.iterations == 7 and not result.stopped_early
 
 
-def test_closing_the_generator_stops_the_worker() -> None:
-    shape = (1, 4, 4)
-    opt = LBFGSB(quadratic(np.full(shape, 5, np.float32)), np.zeros(shape, np.float32),
-                 np.full(shape, -10, np.float32), np.full(shape, 10, np.float32), max_iter=1000)
-    gen = opt.steps()
-    next(gen)
-    gen.close()
-    for _ in range(100):
-        if not any(t.name == "lbfgsb" and t.is_alive() for t in threading.enumerate()):
-            break
-        threading.Event().wait(0.01)
-    assert not any(t.name == "lbfgsb" and t.is_alive() for t in threading.enumerate())
-
-
-def test_nan_loss_raises_in_the_consumer() -> None:
-    shape = (1, 3, 3)
+def test_stop_iteration_from_on_step_stops_at_that_step_without_a_thread() -> None:
+    shape = CENTER.shape
+    calls: list[np.ndarray] = []
 
     def evaluate(x: np.ndarray) -> Evaluation:
-        return Evaluation(float("nan"), np.zeros(shape, np.float32), 0.0, 0.0, 0.0, {})
+        calls.append(x.copy())
+        return quartic(CENTER)(x)
 
-    opt = LBFGSB(evaluate, np.zeros(shape, np.float32), np.full(shape, -1, np.float32),
-                 np.full(shape, 1, np.float32), max_iter=5)
-    with pytest.raises(NonFiniteLossError, match="nan"):
-        list(opt.steps())
+    threads = threading.active_count()
+    seen: list[Step] = []
+
+    def on_step(step: Step) -> None:
+        seen.append(step)
+        if step.iteration == 3:
+            raise StopIteration
+
+    opt = LBFGSB(evaluate, np.zeros(shape, np.float32), *box(shape, -10, 10), max_iter=1000)
+    result = opt.run(on_step)
+    assert threading.active_count() == threads
+    assert [s.iteration for s in seen] == [1, 2, 3]
+    assert result.stop_reason == "stopped" and result.iterations == 3 and not result.stopped_early
+    assert result.image is not None
+    np.testing.assert_array_equal(result.image, seen[-1].image)
+    assert result.evaluations == len(calls) == seen[-1].evaluations  # nothing evaluated after the stop
+
+
+def test_ctrl_c_inside_an_evaluation_returns_the_last_iterate() -> None:
+    shape = CENTER.shape
+    calls = 0
+
+    def evaluate(x: np.ndarray) -> Evaluation:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise KeyboardInterrupt
+        return quartic(CENTER)(x)
+
+    threads = threading.active_count()
+    seen: list[Step] = []
+    opt = LBFGSB(evaluate, np.zeros(shape, np.float32), *box(shape, -10, 10), max_iter=1000)
+    result = opt.run(seen.append)
+    assert threading.active_count() == threads
+    assert result.stop_reason == "interrupted" and not result.success
+    assert seen and result.iterations == seen[-1].iteration
+    assert result.image is not None
+    np.testing.assert_array_equal(result.image, seen[-1].image)
+    assert result.evaluations == 4
+
+
+def test_ctrl_c_before_the_first_iteration_returns_the_start() -> None:
+    shape = (1, 2, 2)
+
+    def evaluate(x: np.ndarray) -> Evaluation:
+        raise KeyboardInterrupt
+
+    x0 = np.full(shape, 20, np.float32)
+    result = LBFGSB(evaluate, x0, *box(shape, -10, 10), max_iter=10).run()
+    assert result.stop_reason == "interrupted" and result.iterations == 0 and result.last_evaluation is None
+    np.testing.assert_array_equal(result.image, np.full(shape, 10, np.float32))  # x0 within the bounds
+
+
+def test_scipy_gets_the_bounds_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    shape = (3, 4, 5)
+    lower = rng.uniform(-100, 0, shape).astype(np.float32)
+    upper = lower + rng.uniform(1, 50, shape).astype(np.float32)
+    received: dict[str, Any] = {}
+    real = optimize.minimize
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        received.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optimize, "minimize", spy)
+    LBFGSB(quadratic(np.zeros(shape, np.float32)), np.zeros(shape, np.float32), lower, upper, max_iter=3).run()
+    bounds = received["bounds"]
+    assert bounds.lb.dtype == np.float64 and bounds.ub.dtype == np.float64
+    np.testing.assert_array_equal(bounds.lb, lower.ravel().astype(np.float64))
+    np.testing.assert_array_equal(bounds.ub, upper.ravel().astype(np.float64))
+
+
+def test_nan_loss_keeps_the_last_good_iterate() -> None:
+    shape = CENTER.shape
+    calls = 0
+
+    def evaluate(x: np.ndarray) -> Evaluation:
+        nonlocal calls
+        calls += 1
+        if calls == 6:
+            return Evaluation(float("nan"), np.zeros(shape, np.float32), 0.0, 0.0, 0.0, {})
+        return quartic(CENTER)(x)
+
+    seen: list[Step] = []
+    result = LBFGSB(evaluate, np.zeros(shape, np.float32), *box(shape, -10, 10), max_iter=50).run(seen.append)
+    assert result.stop_reason == "nonfinite" and result.error is not None and "nan" in result.error
+    assert seen and result.iterations == seen[-1].iteration
+    np.testing.assert_array_equal(result.image, seen[-1].image)
+    assert result.last_evaluation is not None and np.isfinite(result.last_evaluation.loss)
 
 
 def test_early_convergence_is_reported() -> None:
     shape = (1, 3, 3)
     center = np.zeros(shape, np.float32)
-    opt = LBFGSB(quadratic(center), center.copy(), np.full(shape, -1, np.float32), np.full(shape, 1, np.float32),
-                 max_iter=50)
-    list(opt.steps())
-    assert opt.result.stopped_early and opt.result.message
+    result = LBFGSB(quadratic(center), center.copy(), *box(shape, -1, 1), max_iter=50).run()
+    assert result.stopped_early and result.message and result.stop_reason == result.message
+
+
+CHILD = """
+import signal, sys, time
+import numpy as np
+signal.signal(signal.SIGINT, signal.default_int_handler)  # the runner may have started us with SIGINT ignored
+from style_transfer.engines.base import Evaluation
+from style_transfer.optimize import LBFGSB
+
+shape = (1, 8, 8)
+calls = 0
+def evaluate(x):
+    global calls
+    calls += 1
+    if calls == 6:
+        print("ready", flush=True)
+        time.sleep(60)  # Ctrl-C arrives here, in the middle of an evaluation
+    d = (x - 3).astype(np.float64)
+    return Evaluation(float(np.sum(d**4)), (4 * d**3).astype(np.float32), 0.0, 0.0, 0.0, {})
+
+steps = []
+result = LBFGSB(evaluate, np.zeros(shape, np.float32), np.full(shape, -5, np.float32), np.full(shape, 5, np.float32),
+                max_iter=1000).run(steps.append)
+same = bool(steps) and np.array_equal(result.image, steps[-1].image)
+print(result.stop_reason, result.iterations, same, flush=True)
+sys.exit(0 if result.stop_reason == "interrupted" and same else 3)
+"""
+
+
+def test_sigint_during_a_long_evaluation_ends_the_process_cleanly(tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env, cwd=tmp_path)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        os.kill(child.pid, signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, (child.returncode, out, err)
+    reason, iterations, same = out.split()
+    assert reason == "interrupted" and int(iterations) >= 1 and same == "True"

@@ -223,9 +223,7 @@ def compare_engines(torch_engine: Engine, caffe_eng: Engine, style_weights: dict
     blobs = list(dict.fromkeys([*style_weights, *content_weights]))
     feature_rel = max(assert_features_match(torch_engine, caffe_eng, img, blobs) for img in (style, x))
     objective = objective_for(torch_engine, style_weights, content_weights, style, content, tv_weight=tv_weight)
-    torch_engine.set_objective(objective)
-    caffe_eng.set_objective(objective)
-    loss_rel, grad_rel = assert_evaluations_match(caffe_eng.evaluate(x), torch_engine.evaluate(x))
+    loss_rel, grad_rel = assert_evaluations_match(caffe_eng.bind(objective)(x), torch_engine.bind(objective)(x))
     return feature_rel, loss_rel, grad_rel
 
 
@@ -330,32 +328,27 @@ def test_sizes_change_between_calls(caffe: Any, shipped: Callable[[str], Shipped
     rng = np.random.default_rng(5)
     style, content = random_image(rng, 104, 88), random_image(rng, 72, 96)
     objective = objective_for(torch_engine, dict(info.style_layers), dict(info.content_layers), style, content)
-    torch_engine.set_objective(objective)
-    caffe_eng.set_objective(objective)
+    torch_evaluate, caffe_evaluate = torch_engine.bind(objective), caffe_eng.bind(objective)
     x = random_image(rng, 72, 96)
-    first = caffe_eng.evaluate(x)
-    assert_evaluations_match(first, torch_engine.evaluate(x))
+    first = caffe_evaluate(x)
+    assert_evaluations_match(first, torch_evaluate(x))
     assert_features_match(torch_engine, caffe_eng, style, list(info.style_layers))
     assert_features_match(torch_engine, caffe_eng, random_image(rng, 120, 80), list(info.style_layers))
-    again = caffe_eng.evaluate(x)
+    again = caffe_evaluate(x)
     assert again.loss == first.loss
     np.testing.assert_array_equal(again.grad, first.grad)
     # A content-sized objective at another size is the next scale of a coarse-to-fine run.
     content2, x2 = random_image(rng, 84, 112), random_image(rng, 84, 112)
     objective2 = objective_for(torch_engine, dict(info.style_layers), dict(info.content_layers), style, content2)
-    torch_engine.set_objective(objective2)
-    caffe_eng.set_objective(objective2)
-    assert_evaluations_match(caffe_eng.evaluate(x2), torch_engine.evaluate(x2))
+    assert_evaluations_match(caffe_eng.bind(objective2)(x2), torch_engine.bind(objective2)(x2))
 
 
 def _run(engine: str, proto: Path, model: Path, content: np.ndarray, style: np.ndarray) -> tuple[np.ndarray, int]:
     st = StyleTransfer(prototxt=proto, weights=model, style_layers="conv1,conv2,conv3", content_layers="conv2",
                        pooling="avg", engine=engine, gpu=-1)
-    run = st.stylize(content, [style], ratio=1e3, iterations=10, length=32, init="content")
-    for _ in run.steps():
-        pass
-    assert run.result.iterations == 10 and run.result.image is not None
-    return images.deprocess(run.result.image) * 255.0, run.evaluations
+    result = st.stylize(content, [style], ratio=1e3, iterations=10, length=32, init="content").run()
+    assert result.iterations == 10
+    return images.deprocess(result.x) * 255.0, int(result.report["evaluations"])
 
 
 def test_short_lbfgs_run_gives_the_same_image(caffe: Any, tmp_path: Path) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from style_transfer.caffe_model.net import Net
-from style_transfer.engines.base import PRECISIONS, Engine, Evaluation
+from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator
 from style_transfer.errors import EngineError
 
 ENGINES = ("torch", "caffe")
 
-__all__ = ["ENGINES", "PRECISIONS", "Engine", "Evaluation", "create_engine"]
+__all__ = ["ENGINES", "PRECISIONS", "Engine", "Evaluation", "Evaluator", "create_engine"]
 
 
 def create_engine(name: str, net: Net, pooling: str, gpu: int, verbose: bool = False,

@@ -28,6 +28,18 @@ class Evaluation:
     layers: dict[str, float]  # per-layer weighted terms, keys "style:<blob>" and "content:<blob>"
 
 
+class Evaluator(ABC):
+    """An objective bound to an engine: the objective's value and input gradient at any image size. It holds its
+    own copies of the targets, so evaluators bound from one engine may be used in turn."""
+
+    @abstractmethod
+    def evaluate(self, image: np.ndarray) -> Evaluation:
+        """Objective value and its gradient with respect to the preprocessed 3 x H x W image."""
+
+    def __call__(self, image: np.ndarray) -> Evaluation:
+        return self.evaluate(image)
+
+
 class Engine(ABC):
     """A net ready to run on one device. `net` has weights attached and may be truncated to the blobs in use."""
 
@@ -44,9 +56,5 @@ class Engine(ABC):
         """Blob values (C x H x W float32) for a preprocessed 3 x H x W image."""
 
     @abstractmethod
-    def set_objective(self, objective: Objective) -> None:
-        """Targets and weights for the following `evaluate` calls."""
-
-    @abstractmethod
-    def evaluate(self, image: np.ndarray) -> Evaluation:
-        """Objective value and its gradient with respect to the image, at the image's size."""
+    def bind(self, objective: Objective) -> Evaluator:
+        """An evaluator of `objective` on this engine."""

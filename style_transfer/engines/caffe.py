@@ -36,7 +36,7 @@ from style_transfer.caffe_model.net import (
     infer_shapes,
     pool_geometry,
 )
-from style_transfer.engines.base import Engine, Evaluation
+from style_transfer.engines.base import Engine, Evaluation, Evaluator
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import Objective, content_loss_numpy, style_loss_numpy, tv_loss_numpy
 
@@ -368,10 +368,6 @@ class CaffeEngine(Engine):
         self._size: tuple[int, int] | None = None
         self._checked: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
         self._plans: dict[tuple[str, ...], _Plan] = {}
-        self._objective: Objective | None = None
-        self._content: dict[str, np.ndarray] = {}
-        self._style: dict[str, np.ndarray] = {}
-        self._blend = np.ones(1)
 
     # -- the Caffe net at an input size
 
@@ -476,11 +472,8 @@ class CaffeEngine(Engine):
 
     # -- objective and gradient
 
-    def set_objective(self, objective: Objective) -> None:
-        self._objective = objective
-        self._content = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in objective.content_targets.items()}
-        self._style = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in objective.style_targets.items()}
-        self._blend = np.asarray(objective.style_blend, dtype=np.float64)
+    def bind(self, objective: Objective) -> CaffeEvaluator:
+        return CaffeEvaluator(self, objective)
 
     def _plan(self, layers: tuple[str, ...]) -> _Plan:
         plan = self._plans.get(layers)
@@ -504,16 +497,26 @@ class CaffeEngine(Engine):
         self._plans[layers] = plan
         return plan
 
+
+class CaffeEvaluator(Evaluator):
+    """An objective on the Caffe engine, with its targets as float32 arrays; the net and its blobs are the engine's,
+    and each evaluation writes every blob it reads before reading it."""
+
+    def __init__(self, engine: CaffeEngine, objective: Objective) -> None:
+        self.engine = engine
+        self.objective = objective
+        self._content = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in objective.content_targets.items()}
+        self._style = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in objective.style_targets.items()}
+        self._blend = np.asarray(objective.style_blend, dtype=np.float64)
+
     def evaluate(self, image: np.ndarray) -> Evaluation:
-        obj = self._objective
-        if obj is None:
-            raise RuntimeError("set_objective must be called before evaluate")
-        cnet = self._net_for(image)
-        assert self._topology is not None
+        engine, obj = self.engine, self.objective
+        cnet = engine._net_for(image)
+        assert engine._topology is not None
         if not obj.layers:
             return self._finish(image, np.zeros(image.shape, np.float32), {})
-        names = self._topology.layer_names
-        plan = self._plan(tuple(obj.layers))
+        names = engine._topology.layer_names
+        plan = engine._plan(tuple(obj.layers))
         cnet.forward(end=names[plan.end])
 
         terms: dict[str, float] = {}
@@ -554,11 +557,10 @@ class CaffeEngine(Engine):
                     diff[...] = injected[blob]
             current = index
         cnet.backward(start=names[current], end=names[0])
-        return self._finish(image, np.array(self._input_blob().diff[0], dtype=np.float32), terms)
+        return self._finish(image, np.array(engine._input_blob().diff[0], dtype=np.float32), terms)
 
     def _finish(self, image: np.ndarray, grad: np.ndarray, terms: dict[str, float]) -> Evaluation:
-        obj = self._objective
-        assert obj is not None
+        obj = self.objective
         style = float(sum(v for k, v in terms.items() if k.startswith("style:")))
         content = float(sum(v for k, v in terms.items() if k.startswith("content:")))
         tv = 0.0

@@ -9,7 +9,7 @@ time as the convolutions allow, and nothing elsewhere.
   (VGG) and the net has no max pooling; the activations are then NCHW, as NNPACK requires.
 - Otherwise activations are channels-last on the CPU: oneDNN's direct convolutions run at sgemm speed on NHWC and
   well below it on NCHW, especially for the wide, shallow early layers.
-- The style and content terms are differentiated by hand (dL/dF = 4 s (G - A) F, w (F - P)) and the gradients are
+- The style and content terms are differentiated by hand (losses.terms_and_feature_grads) and the gradients are
   injected into autograd at the feature blobs: one matrix product per style layer instead of autograd's two, and no
   graph through the Gram matrices.
 - Freed activations are kept by the C allocator instead of being returned to the kernel (glibc only): otherwise each
@@ -36,9 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from style_transfer.caffe_model.net import Layer, Net, concat_axis, conv_geometry, pool_geometry
-from style_transfer.engines.base import PRECISIONS, Engine, Evaluation
+from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator
 from style_transfer.errors import EngineError, ModelError
-from style_transfer.losses import Objective, style_scale, tv_loss_torch
+from style_transfer.losses import (
+    Objective,
+    TorchTargets,
+    is_nhwc,
+    terms_and_feature_grads,
+    tv_loss_torch,
+    weighted_terms_torch,
+)
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -199,12 +206,6 @@ class TorchEngine(Engine):
             if cl and layer.type == "Convolution":
                 weights[0] = weights[0].contiguous(memory_format=torch.channels_last)
             self._ops.append(_Op(layer, override, weights, self.tuning.inplace_relu, layer.name in wino_layers))
-        self._objective: Objective | None = None
-        self._content: dict[str, torch.Tensor] = {}
-        self._style: dict[str, torch.Tensor] = {}
-        self._style_mean: dict[str, torch.Tensor] = {}
-        self._blend = torch.ones(1)
-        self._blend_sum = 1.0
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.torch_device, dtype=self.dtype)
@@ -254,45 +255,44 @@ class TorchEngine(Engine):
             out = self._forward(self._input(self._tensor(image)), blobs)
             return {b: v[0].to(self.dtype).contiguous().cpu().numpy() for b, v in out.items()}
 
-    def set_objective(self, objective: Objective) -> None:
-        self._objective = objective
-        with torch.no_grad():
-            # Targets in the layout of the features they meet, so differences run over contiguous memory.
-            self._content = {k: self._tensor(v).unsqueeze(0).contiguous(memory_format=self.memory_format)
-                             for k, v in objective.content_targets.items()}
-            self._style = {k: self._tensor(v) for k, v in objective.style_targets.items()}
-            self._blend = self._tensor(objective.style_blend)
-            # sum_s b_s (G - A_s) = (sum b) G - sum_s b_s A_s: the gradient needs only the blended target.
-            self._style_mean = {k: torch.tensordot(self._blend, v, dims=1) for k, v in self._style.items()}
-        self._blend_sum = float(np.sum(objective.style_blend))
+    def bind(self, objective: Objective) -> TorchEvaluator:
+        return TorchEvaluator(self, objective)
+
+
+class TorchEvaluator(Evaluator):
+    """An objective on the torch engine: the net runs forward, losses.py gives the terms and their feature
+    gradients, and one backward pass takes those to the input."""
+
+    def __init__(self, engine: TorchEngine, objective: Objective) -> None:
+        self.engine = engine
+        self.objective = objective
+        self.targets = TorchTargets.of(objective, engine._tensor, engine.memory_format)
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
-        obj = self._objective
-        if obj is None:
-            raise RuntimeError("set_objective must be called before evaluate")
-        if not self.tuning.manual_loss_grad:
-            return self._evaluate_autograd(image, obj)
-        x = self._tensor(image)
+        engine, obj = self.engine, self.objective
+        if not engine.tuning.manual_loss_grad:
+            return self._evaluate_autograd(image)
+        x = engine._tensor(image)
         x.requires_grad_(True)
         scale = 1.0
         for attempt in range(4):
-            with self._running():
-                feats = self._forward(self._input(x), obj.layers)
-            terms, roots, grads = self._loss_terms(obj, feats)
+            with engine._running():
+                feats = engine._forward(engine._input(x), obj.layers)
+            terms, roots, grads = terms_and_feature_grads(obj, self.targets, feats, engine.dtype)
             del feats
-            tv = torch.zeros((), dtype=self.dtype, device=x.device)
+            tv = torch.zeros((), dtype=engine.dtype, device=x.device)
             if obj.tv_weight:
                 tv = obj.tv_weight * tv_loss_torch(x)
                 roots.append(tv)
                 grads.append(torch.ones((), dtype=tv.dtype, device=tv.device))
-            if self.precision == "fp16":
+            if engine.precision == "fp16":
                 # float16 overflows at 65504: the injected gradients are scaled by a power of two to a largest
                 # magnitude of 2^(10 - 8 * attempt), leaving headroom for growth through the backward pass.
                 if attempt == 0:
                     scale = _power_of_two_scale(grads, 2.0**10)
                 grads = [g * scale for g in grads]
             (grad,) = torch.autograd.grad(roots, x, [g.to(r.dtype) for r, g in zip(roots, grads, strict=True)])
-            if self.precision != "fp16" or bool(torch.isfinite(grad).all()):
+            if engine.precision != "fp16" or bool(torch.isfinite(grad).all()):
                 break
             scale /= 256.0
         if scale != 1.0:
@@ -300,65 +300,25 @@ class TorchEngine(Engine):
         style = sum((v for k, v in terms.items() if k.startswith("style:")), 0.0)
         content = sum((v for k, v in terms.items() if k.startswith("content:")), 0.0)
         tv_value = float(tv.detach())
-        return Evaluation(loss=style + content + tv_value, grad=_numpy(grad, self.dtype), style_loss=style,
+        return Evaluation(loss=style + content + tv_value, grad=_numpy(grad, engine.dtype), style_loss=style,
                           content_loss=content, tv_loss=tv_value, layers=terms)
 
-    def _loss_terms(self, obj: Objective, feats: dict[str, torch.Tensor]
-                    ) -> tuple[dict[str, float], list[torch.Tensor], list[torch.Tensor]]:
-        """Each weighted term's value, and the gradient of the whole objective with respect to each feature blob
-        (in the engine's dtype; the Gram matrices of half-precision features are computed in float32)."""
-        values: dict[str, torch.Tensor] = {}
-        grads: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for layer, w in obj.style_weights.items():
-                f = feats[layer].detach().to(self.dtype)
-                n, c, h, wd = f.shape
-                s = style_scale((c, h, wd)) * obj.ratio * w
-                nhwc = _is_nhwc(f)
-                # NHWC memory is an HW x C matrix: G = F^T F and dL/dF = F (4 s (G - A)) need no transposed copy.
-                fm = f.permute(0, 2, 3, 1).reshape(n * h * wd, c) if nhwc else f.reshape(c, h * wd)
-                gram = torch.mm(fm.t(), fm) if nhwc else torch.mm(fm, fm.t())
-                diff = gram.unsqueeze(0) - self._style[layer]
-                per_style = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2
-                values[f"style:{layer}"] = (per_style * self._blend).sum() * s
-                weighted = gram.mul_(self._blend_sum).sub_(self._style_mean[layer]).mul_(4.0 * s)
-                if nhwc:
-                    grads[layer] = torch.mm(fm, weighted).reshape(n, h, wd, c).permute(0, 3, 1, 2)
-                else:
-                    grads[layer] = torch.mm(weighted, fm).reshape(n, c, h, wd)
-            for layer, w in obj.content_weights.items():
-                f = feats[layer].detach().to(self.dtype)
-                diff = f - self._content[layer]
-                values[f"content:{layer}"] = 0.5 * w * torch.linalg.vector_norm(diff) ** 2
-                diff.mul_(w)
-                grads[layer] = grads[layer].add_(diff) if layer in grads else diff
-            # One transfer for all the values (one synchronisation on a GPU).
-            numbers = torch.stack(list(values.values())).tolist() if values else []
-        terms = dict(zip(values, (float(v) for v in numbers), strict=True))
-        return terms, [feats[layer] for layer in grads], list(grads.values())
-
-    def _evaluate_autograd(self, image: np.ndarray, obj: Objective) -> Evaluation:
+    def _evaluate_autograd(self, image: np.ndarray) -> Evaluation:
         """The plain formulation: the losses as torch expressions, everything differentiated by autograd."""
-        from style_transfer.losses import content_loss_torch, style_loss_torch
-
-        x = self._tensor(image)
+        engine, obj = self.engine, self.objective
+        x = engine._tensor(image)
         x.requires_grad_(True)
-        with self._running():
-            feats = {k: v[0] for k, v in self._forward(self._input(x), obj.layers).items()}
-        terms: dict[str, torch.Tensor] = {}
-        for layer, w in obj.style_weights.items():
-            terms[f"style:{layer}"] = (obj.ratio * w) * style_loss_torch(feats[layer].to(self.dtype),
-                                                                          self._style[layer], self._blend)
-        for layer, w in obj.content_weights.items():
-            terms[f"content:{layer}"] = w * content_loss_torch(feats[layer].to(self.dtype), self._content[layer][0])
-        zero = torch.zeros((), dtype=self.dtype, device=x.device)
+        with engine._running():
+            feats = {k: v[0] for k, v in engine._forward(engine._input(x), obj.layers).items()}
+        terms = weighted_terms_torch(obj, self.targets, feats, engine.dtype)
+        zero = torch.zeros((), dtype=engine.dtype, device=x.device)
         style = sum((v for k, v in terms.items() if k.startswith("style:")), zero)
         content = sum((v for k, v in terms.items() if k.startswith("content:")), zero)
         tv = obj.tv_weight * tv_loss_torch(x) if obj.tv_weight else zero
         total = style + content + tv
         (grad,) = torch.autograd.grad(total, x)
         values = {k: float(v.detach()) for k, v in terms.items()}
-        return Evaluation(loss=float(total.detach()), grad=_numpy(grad, self.dtype),
+        return Evaluation(loss=float(total.detach()), grad=_numpy(grad, engine.dtype),
                           style_loss=float(style.detach()), content_loss=float(content.detach()),
                           tv_loss=float(tv.detach()), layers=values)
 
@@ -376,7 +336,7 @@ def _across_channels_lrn(size: int, alpha: float, beta: float, k: float) -> Run:
     def lrn(xs: list[torch.Tensor]) -> torch.Tensor:
         x = xs[0]
         c = int(x.shape[1])
-        nhwc = _is_nhwc(x)
+        nhwc = is_nhwc(x)
         key = (c, x.dtype, x.device, nhwc)
         if key not in bands:
             # A normal tensor even when first made under inference mode, as autograd will save it later.
@@ -400,10 +360,6 @@ def _power_of_two_scale(grads: list[torch.Tensor], target: float) -> float:
     if not np.isfinite(largest) or largest == 0.0:
         return 1.0
     return float(2.0 ** np.floor(np.log2(target / largest)))
-
-
-def _is_nhwc(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _last_needed(ops: list[_Op], wanted: set[str]) -> int:
