@@ -258,6 +258,37 @@ def test_options_that_are_columns_or_extra_files_are_refused(tmp_path: Path,
 # ------------------------------------------------------------------------------- workers, model cache, Dask
 
 
+def test_a_job_is_the_library_run_with_its_options(tmp_path: Path, net: list[str]) -> None:
+    """What a manifest row asks for reaches the run: colour matching, original colours, init and seed."""
+    import torch
+
+    from style_transfer import images
+    from style_transfer.transfer import StyleTransfer
+
+    paths = _images(tmp_path)
+    manifest = _manifest(tmp_path / "jobs.csv", [{"style": "s2.jpg", "content": "c1.png", "output": "out/a.png",
+                                                 "init": "1", "seed": "5", "color_match": "meancov",
+                                                 "original_colors": "yes", "tv_weight": "0.5"}])
+    assert batch_main([str(manifest), *net, "--workers", "1", "--threads", "1"]) == 0
+
+    options = dict(zip(net[::2], net[1::2], strict=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        st = StyleTransfer(prototxt=options["--prototxt"], weights=options["--weights"], gpu=-1,
+                           style_layers=options["--style-layers"], content_layers=options["--content-layers"])
+        result = st.stylize(images.load_image(paths["c1"]), [images.load_image(paths["s2"])], length=24,
+                            num_iters=3, init="1", seed=5, color_match="meancov", original_colors=True,
+                            tv_weight=0.5).run()
+    finally:
+        torch.set_num_threads(threads)
+    images.save_image(tmp_path / "library.png", result.rgb)
+    assert np.array_equal(_pixels(tmp_path / "out" / "a.png"), _pixels(tmp_path / "library.png"))
+    report = json.loads((tmp_path / "out" / "a.png.json").read_text())
+    assert report["seed"] == 5 and report["iterations"] == result.iterations == 3
+    assert report["loss"] == pytest.approx(result.report["loss"], rel=1e-6)
+
+
 def test_two_workers_give_the_same_images(tmp_path: Path, net: list[str], reference: dict[str, np.ndarray]) -> None:
     _images(tmp_path)
     manifest = _manifest(tmp_path / "jobs.csv", GOOD_ROWS)
