@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from style_transfer import batch
-from style_transfer.batch import Task, batch_main, read_manifest, run_task
+from style_transfer.batch import Outcome, Task, backends, batch_main, read_manifest, run_task
+from style_transfer.batch.cli import build_parser, job_defaults
+from style_transfer.batch.manifest import Job
+from style_transfer.batch.worker import cpu_count
+from style_transfer.options import FINGERPRINTED
 from tests import tinynets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,22 +140,22 @@ def test_output_without_ok_report_is_not_finished(tmp_path: Path, net: list[str]
     manifest = _manifest(tmp_path / "jobs.csv", [GOOD_ROWS[0]])
     (tmp_path / "out").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "out" / "a.png")
-    jobs = read_manifest(manifest, batch._job_defaults(batch.build_parser().parse_args(["x", *net])))
-    assert not batch._is_finished(jobs[0])
+    jobs = read_manifest(manifest, job_defaults(build_parser().parse_args(["x", *net])))
+    assert not jobs[0].is_finished()
     report = tmp_path / "out" / "a.png.json"
     report.write_text(json.dumps({"status": "ok", "fingerprint": jobs[0].fingerprint}))
-    assert batch._is_finished(jobs[0])
+    assert jobs[0].is_finished()
     report.write_text(json.dumps({"status": "ok", "fingerprint": "another job"}))
-    assert not batch._is_finished(jobs[0])
+    assert not jobs[0].is_finished()
     report.write_text("{truncated")
-    assert not batch._is_finished(jobs[0])
+    assert not jobs[0].is_finished()
 
 
 # ------------------------------------------------------------------------------------------------ manifests
 
 
 def _defaults(*argv: str) -> dict[str, Any]:
-    return batch._job_defaults(batch.build_parser().parse_args(["m.csv", *argv]))
+    return job_defaults(build_parser().parse_args(["m.csv", *argv]))
 
 
 def test_manifest_columns_paths_and_overrides(tmp_path: Path) -> None:
@@ -179,7 +182,7 @@ def test_manifest_columns_paths_and_overrides(tmp_path: Path) -> None:
 def test_fingerprint_follows_what_a_job_computes(tmp_path: Path) -> None:
     manifest = tmp_path / "jobs.csv"
 
-    def job(extra: str = "", header: str = "") -> batch.Job:
+    def job(extra: str = "", header: str = "") -> Job:
         manifest.write_text(f"style,content,output{header}\na.png,c.png,o.png{extra}\n")
         return read_manifest(manifest, _defaults())[0]
 
@@ -190,6 +193,18 @@ def test_fingerprint_follows_what_a_job_computes(tmp_path: Path) -> None:
     half = job(",bf16", ",precision")
     assert half.options["precision"] == "bf16" and half.fingerprint != plain
     assert job(",fp8", ",precision").problem is not None
+    # options.py's table says what counts: where a job runs and what it prints, nothing it computes.
+    assert set(job().options) - FINGERPRINTED == {"gpu", "models_dir", "max_pixels", "verbose", "download_missing"}
+
+
+def test_fingerprint_is_the_one_earlier_versions_wrote(tmp_path: Path) -> None:
+    """Jobs finished before the option table existed stay finished: the same job gives the same fingerprint."""
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("style,content,output,seed,init,style_weights,original_colors,ratio,length\n"
+                        "/a/s.png;/a/t.png,/a/c.png,/a/o.png,7,/a/i.png,1;3,yes,5e3,100\n"
+                        "/a/s.png,/a/c.png,/a/p.png,,,,,,\n")
+    jobs = read_manifest(manifest, _defaults("--tv-weight", "2", "--scales", "2"))
+    assert [j.fingerprint for j in jobs] == ["d209edc1053d92e0", "d7179f01f891b267"]
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -218,22 +233,60 @@ def test_bad_row_fails_its_job_before_running(tmp_path: Path) -> None:
     jobs = read_manifest(manifest, _defaults())
     problems = [j.problem for j in jobs]
     assert problems[0] is not None and "line 2" in problems[0] and "needs a whole number" in problems[0]
-    assert problems[1] is not None and "invalid choice: 'median'" in problems[1]
-    assert problems[2] is not None and "original_colors must be one of" in problems[2]
+    assert problems[1] is not None and "--pooling must be one of avg, max, got 'median'" in problems[1]
+    assert problems[2] is not None and "--original-colors must be yes or no" in problems[2]
     assert problems[3] is not None and "no style image" in problems[3]
     assert problems[4] is None and jobs[4].options["pooling"] == "max"
 
 
 def test_options_that_are_columns_or_extra_files_are_refused(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["-s", "x.png"], ["-o", "x.png"], ["--report", "r.json"], ["--animation", "a.gif"]):
+    refused = {"-s/--style-img": ["-s", "x.png", "y.png"], "-c/--content-img": ["-c", "x.png"],
+               "-o/--output": ["-o", "x.png"], "--report": ["--report", "r.json"],
+               "--save-every": ["--save-every", "5"], "--animation": ["--animation", "a.gif"],
+               "--download": ["--download", "vgg16"], "--mirror": ["--mirror", "m"]}
+    for label, argv in refused.items():
         assert batch_main([str(tmp_path / "m.csv"), *argv]) == 2
-    err = capsys.readouterr().err
-    assert "manifest column 'style'" in err and "--animation is not an option of style.py batch" in err
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"style.py batch: error: {label} is not an option of style.py batch"), err
+        assert "\n" not in err
+        column = {"-s/--style-img": "style", "-c/--content-img": "content", "-o/--output": "output"}.get(label)
+        assert (f"; it is the manifest column {column!r}" in err) == (column is not None)
     assert batch_main([str(tmp_path / "m.csv"), "--workers", "2", "--dask-scheduler", "tcp://x:1"]) == 2
 
 
 # ------------------------------------------------------------------------------- workers, model cache, Dask
+
+
+def test_a_job_is_the_library_run_with_its_options(tmp_path: Path, net: list[str]) -> None:
+    """What a manifest row asks for reaches the run: colour matching, original colours, init and seed."""
+    import torch
+
+    from style_transfer import images
+    from style_transfer.transfer import StyleTransfer
+
+    paths = _images(tmp_path)
+    manifest = _manifest(tmp_path / "jobs.csv", [{"style": "s2.jpg", "content": "c1.png", "output": "out/a.png",
+                                                 "init": "1", "seed": "5", "color_match": "meancov",
+                                                 "original_colors": "yes", "tv_weight": "0.5"}])
+    assert batch_main([str(manifest), *net, "--workers", "1", "--threads", "1"]) == 0
+
+    options = dict(zip(net[::2], net[1::2], strict=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        st = StyleTransfer(prototxt=options["--prototxt"], weights=options["--weights"], gpu=-1,
+                           style_layers=options["--style-layers"], content_layers=options["--content-layers"])
+        result = st.stylize(images.load_image(paths["c1"]), [images.load_image(paths["s2"])], length=24,
+                            num_iters=3, init="1", seed=5, color_match="meancov", original_colors=True,
+                            tv_weight=0.5).run()
+    finally:
+        torch.set_num_threads(threads)
+    images.save_image(tmp_path / "library.png", result.rgb)
+    assert np.array_equal(_pixels(tmp_path / "out" / "a.png"), _pixels(tmp_path / "library.png"))
+    report = json.loads((tmp_path / "out" / "a.png.json").read_text())
+    assert report["seed"] == 5 and report["iterations"] == result.iterations == 3
+    assert report["loss"] == pytest.approx(result.report["loss"], rel=1e-6)
 
 
 def test_two_workers_give_the_same_images(tmp_path: Path, net: list[str], reference: dict[str, np.ndarray]) -> None:
@@ -243,7 +296,7 @@ def test_two_workers_give_the_same_images(tmp_path: Path, net: list[str], refere
     for name, pixels in reference.items():
         assert np.array_equal(_pixels(tmp_path / name), pixels), name
     reports = [json.loads((tmp_path / f"{row['output']}.json").read_text()) for row in GOOD_ROWS]
-    assert {r["threads"] for r in reports} == {1}  # 2 cores / 2 workers, as in the reference run
+    assert {r["threads"] for r in reports} == {max(1, cpu_count() // 2)}  # the cores shared by the workers
     loads = _fresh_loads_per_worker(tmp_path)
     assert all(n == 1 for n in loads.values()) and 1 <= len(loads) <= 2
 
@@ -275,7 +328,7 @@ def test_unreachable_dask_scheduler_is_one_line(tmp_path: Path, capsys: pytest.C
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
 
 
-def crash_on_job_2(task: Task) -> batch.Outcome:
+def crash_on_job_2(task: Task) -> Outcome:
     """Stands in for a segfault or the OOM killer; spawned workers import it from here."""
     if task.job == 2:
         os._exit(3)
@@ -292,7 +345,7 @@ def test_a_dying_worker_fails_only_its_job(tmp_path: Path, net: list[str]) -> No
     assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "out" / "c.png").is_file()
 
 
-def slow_task(task: Task) -> batch.Outcome:
+def slow_task(task: Task) -> Outcome:
     time.sleep(0.5)
     return run_task(task)
 
@@ -346,21 +399,56 @@ def test_batch_sh_runs_every_pair(tmp_path: Path, net: list[str]) -> None:
     assert res.returncode == 0 and "4 finished before, 0 to run" in res.stderr
 
 
-def always_crash(task: Any) -> batch.Outcome:
+def test_python_dash_m_runs_the_batch(tmp_path: Path) -> None:
+    _images(tmp_path)
+    manifest = _manifest(tmp_path / "jobs.csv", [GOOD_ROWS[0]])
+    res = subprocess.run([sys.executable, "-m", "style_transfer.batch", str(manifest), "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    assert "out/a.png  would run" in res.stdout
+
+
+def always_crash(task: Any) -> Outcome:
     os._exit(3)
 
 
 def test_a_job_submitted_to_a_pool_that_just_broke_counts_as_died() -> None:
     from concurrent.futures import wait as wait_futures
 
-    backend = batch._LocalBackend(1, 1, always_crash)
+    backend = backends.LocalBackend(1, 1, always_crash)
     try:
         first = backend.submit(object())  # type: ignore[arg-type]
         wait_futures([first], timeout=120)
-        assert isinstance(backend.outcome(first), batch._Died)
+        assert isinstance(backend.outcome(first), backends.Died)
         # The driver has not looked yet: the next submission meets the broken pool and must not raise.
         second = backend.submit(object())  # type: ignore[arg-type]
-        assert isinstance(backend.outcome(second), batch._Died)
+        assert isinstance(backend.outcome(second), backends.Died)
     finally:
         backend.recover()
         backend.pool.shutdown(wait=True)
+
+
+def sleep_after_marking(marker: Path) -> Outcome:
+    marker.write_text(str(os.getpid()))
+    time.sleep(120)
+    return Outcome("ok")
+
+
+def test_abandoning_ends_the_running_worker_processes(tmp_path: Path) -> None:
+    """The second Ctrl-C: a running job's process is ended, not waited for."""
+    from concurrent.futures import wait as wait_futures
+
+    backend = backends.LocalBackend(1, 1, sleep_after_marking)  # type: ignore[arg-type]
+    marker = tmp_path / "running"
+    future = backend.submit(marker)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the job never started"
+    started = time.monotonic()
+    backend.abandon([future])
+    assert time.monotonic() - started < 60
+    wait_futures([future], timeout=30)
+    assert isinstance(backend.outcome(future), backends.Died)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(marker.read_text()), 0)

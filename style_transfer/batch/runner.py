@@ -1,0 +1,279 @@
+"""The batch run: skip finished jobs, hand the rest to a backend, save what comes back, and summarise."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from style_transfer import images
+from style_transfer.batch.backends import Backend, DaskBackend, Died, LocalBackend, TaskFunction, child_thread_limits
+from style_transfer.batch.manifest import Job
+from style_transfer.batch.worker import InputFile, Outcome, Task, cpu_count, model_key, read_input
+from style_transfer.errors import StyleTransferError
+from style_transfer.openmp import prefer_short_spin
+from style_transfer.util import one_line, reason, write_json
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+STATUSES = ("ok", "skipped", "failed", "interrupted", "not run")
+
+
+def say(message: str) -> None:
+    print(f"style.py batch: {message}", file=sys.stderr, flush=True)
+
+
+def shown(path: Path) -> str:
+    """Paths under the working folder are shown relative to it: tables stay readable."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+class Interrupts:
+    """Counts Ctrl-C presses instead of raising, so that no file write is cut in half by KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: Any = None
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class Record:
+    job: Job
+    status: str = "pending"  # ok, skipped, failed, interrupted, not run
+    error: str | None = None
+    seconds: float | None = None
+    worker: str | None = None
+    model_loaded_fresh: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"job": self.job.number, "line": self.job.line, "status": self.status,
+                "output": str(self.job.output) if self.job.output else None,
+                "report": str(self.job.report_path) if self.job.report_path else None, "error": self.error,
+                "seconds": self.seconds, "worker": self.worker, "model_loaded_fresh": self.model_loaded_fresh}
+
+
+class Batch:
+    def __init__(self, manifest: Path, jobs: list[Job]) -> None:
+        self.manifest = manifest
+        self.records = {job.number: Record(job) for job in jobs}
+        self.finished = 0
+        self.to_run = 0
+        self.notices: set[str] = set()
+
+    def prepare(self, job: Job, threads: int | None) -> Task:
+        if job.problem is not None:
+            raise StyleTransferError(job.problem)
+        assert job.output is not None and job.content is not None
+        images.check_output_path(job.output)
+        init: str | InputFile = str(job.options["init"]) if job.init_file is None else read_input(job.init_file)
+        return Task(job=job.number, content=read_input(job.content), styles=tuple(read_input(p) for p in job.styles),
+                    init=init, options=dict(job.options), threads=threads)
+
+    def finish(self, job: Job, outcome: Outcome) -> None:
+        """The image first, then the report, both atomically: a crash in between leaves a job that runs again."""
+        record = self.records[job.number]
+        if outcome.status == "ok" and outcome.image is not None and job.output is not None:
+            try:
+                images.save_image(job.output, outcome.image)
+            except StyleTransferError as exc:
+                outcome = Outcome("failed", one_line(exc), report=outcome.report)
+        report = {"status": outcome.status, "error": outcome.error, "fingerprint": job.fingerprint,
+                  "manifest": str(self.manifest), "job": job.number, "line": job.line,
+                  "style": [str(p) for p in job.styles], "content": str(job.content) if job.content else None,
+                  "output": str(job.output) if job.output else None, **outcome.report,
+                  "options": dict(job.options)}
+        if job.report_path is not None and job.output is not None and job.output.parent.is_dir():
+            try:
+                write_json(job.report_path, report, "the report")
+            except StyleTransferError as exc:
+                if outcome.status == "ok":
+                    outcome = Outcome("failed", one_line(exc), report=outcome.report)
+        record.status, record.error = outcome.status, outcome.error
+        record.seconds = outcome.report.get("job_seconds")
+        record.worker = outcome.report.get("worker")
+        record.model_loaded_fresh = outcome.report.get("model_loaded_fresh")
+        for notice in outcome.report.get("notices", []):
+            if notice not in self.notices:
+                self.notices.add(notice)
+                say(notice)
+        self.finished += 1
+        where = shown(job.output) if job.output is not None else f"manifest line {job.line}"
+        if outcome.status == "ok":
+            say(f"[{self.finished}/{self.to_run}] ok      {record.seconds or 0:7.1f} s  {where}")
+        else:
+            say(f"[{self.finished}/{self.to_run}] {outcome.status.upper():7s}            {where}: {outcome.error}")
+
+    def drive(self, backend: Backend, pending: deque[Job], threads: int | None, interrupts: Interrupts) -> bool:
+        """Run the pending jobs on the backend; True if stopped by Ctrl-C."""
+        inflight: dict[Any, Job] = {}
+        suspects: deque[Job] = deque()  # were running when a worker process died; now run one at a time
+        isolating: set[int] = set()
+        seen_interrupts = 0
+        while True:
+            if interrupts.count > seen_interrupts:
+                seen_interrupts = interrupts.count
+                if seen_interrupts == 1:
+                    say(f"interrupted: starting no more jobs; waiting for the {len(inflight)} running "
+                        "(Ctrl-C again to abandon them)")
+                else:
+                    say(f"abandoning {len(inflight)} running job(s)")
+                    backend.abandon(list(inflight))
+                    for job in inflight.values():
+                        self.finish(job, Outcome("interrupted", "interrupted while running"))
+                    inflight.clear()
+                    return True
+            while seen_interrupts == 0 and (suspects or pending):
+                alone = bool(suspects)
+                if (alone and inflight) or (not alone and (isolating or len(inflight) >= backend.capacity())):
+                    break
+                job = suspects.popleft() if alone else pending.popleft()
+                try:
+                    task = self.prepare(job, threads)
+                except StyleTransferError as exc:
+                    self.finish(job, Outcome("failed", one_line(exc)))
+                    continue
+                inflight[backend.submit(task)] = job
+                if alone:
+                    isolating.add(job.number)
+            if not inflight:
+                return seen_interrupts > 0
+            running = len(inflight)
+            outcomes = {f: backend.outcome(f) for f in backend.wait(list(inflight), timeout=0.25)}
+            died = any(isinstance(o, Died) for o in outcomes.values())
+            if died:
+                # A broken pool ends every job it held; collect them all before a new pool starts.
+                rest = [f for f in inflight if f not in outcomes]
+                outcomes.update({f: backend.outcome(f) for f in backend.settle(rest)})
+            for future, outcome in outcomes.items():
+                job = inflight.pop(future)
+                isolating.discard(job.number)
+                if not isinstance(outcome, Died):
+                    self.finish(job, outcome)
+                elif running == 1:
+                    self.finish(job, Outcome("failed", "the worker process died while running this job "
+                                                       "(a crash, or the system ran out of memory)"))
+                else:
+                    suspects.append(job)  # one of them killed the worker: each runs again, alone
+            if died:
+                backend.recover()
+
+    def summary(self, started: float, interrupted: bool, mode: str) -> tuple[dict[str, Any], int]:
+        for record in self.records.values():
+            if record.status == "pending":
+                record.status = "not run"
+        counts = dict(Counter(record.status for record in self.records.values()))
+        code = EXIT_INTERRUPTED if interrupted else EXIT_FAILED if counts.get("failed") else EXIT_OK
+        data = {"manifest": str(self.manifest), "mode": mode,
+                "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+                "seconds": time.time() - started, "interrupted": interrupted, "exit_code": code,
+                "jobs_total": len(self.records), "counts": counts, "jobs": [r.as_dict() for r in self.records.values()]}
+        return data, code
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The summary as a plain-text table: one row per job, failures with their error."""
+    rows = [("job", "line", "status", "seconds", "output", "error")]
+    for job in summary["jobs"]:
+        seconds = f"{job['seconds']:.1f}" if isinstance(job.get("seconds"), (int, float)) else "-"
+        status = "skipped (done before)" if job["status"] == "skipped" else job["status"]
+        output = shown(Path(job["output"])) if job["output"] else "-"
+        rows.append((str(job["job"]), str(job["line"]), status, seconds, output, job["error"] or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join([r[0].rjust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]),
+                        r[3].rjust(widths[3]), r[4].ljust(widths[4]), r[5]]).rstrip() for r in rows]
+    counts = ", ".join(f"{summary['counts'][s]} {s}" for s in STATUSES if s in summary["counts"])
+    lines.append(f"{summary['jobs_total']} job(s): {counts}; {summary['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, jobs: list[Job], task_function: TaskFunction) -> int:
+    """Run the manifest's jobs as the command line says; the exit code."""
+    manifest = Path(args.manifest).absolute()
+    summary_path = Path(args.summary).absolute() if args.summary else \
+        manifest.with_name(manifest.stem + ".summary.json")
+    if summary_path.is_dir():
+        raise StyleTransferError(f"--summary {summary_path} is a folder")
+
+    batch = Batch(manifest, jobs)
+    pending: deque[Job] = deque()
+    for job in jobs:
+        if not args.force and job.is_finished():
+            batch.records[job.number].status = "skipped"
+        else:
+            pending.append(job)
+    # Jobs of one net after one another: a worker's cache then holds the net for the next job too.
+    order = {key: i for i, key in enumerate(dict.fromkeys(model_key(job.options) for job in pending))}
+    pending = deque(sorted(pending, key=lambda job: order[model_key(job.options)]))
+    batch.to_run = len(pending)
+
+    if args.dry_run:
+        for job in jobs:
+            state = "finished before" if batch.records[job.number].status == "skipped" else \
+                (f"would fail: {job.problem}" if job.problem else "would run")
+            print(f"{job.number:4d}  line {job.line:<4d}  {job.output or '-'}  {state}")
+        return EXIT_OK
+
+    engines = {job.options["engine"] for job in pending}
+    if len(engines) == 1 and not args.dask_scheduler:
+        # Local workers are started later and inherit it; Dask workers are started by their own command.
+        prefer_short_spin([job.options["model"] if job.options["prototxt"] is None else "" for job in pending],
+                          engines.pop())
+    workers = args.workers or 1
+    threads = args.threads or max(1, cpu_count() // workers)
+    mode = f"dask {args.dask_scheduler}" if args.dask_scheduler else \
+        f"{workers} local worker(s), {threads} thread(s) each"
+    say(f"{len(jobs)} job(s): {len(jobs) - len(pending)} finished before, {len(pending)} to run on {mode}")
+    started = time.time()
+    interrupted = False
+    if pending:
+        with contextlib.nullcontext() if args.dask_scheduler else child_thread_limits(threads):
+            if args.dask_scheduler:
+                say(f"connecting to the Dask scheduler at {args.dask_scheduler}")
+                backend: Backend = DaskBackend(args.dask_scheduler, args.threads, task_function)
+            else:
+                backend = LocalBackend(workers, threads, task_function)
+            try:
+                with Interrupts() as interrupts:
+                    interrupted = batch.drive(backend, pending, args.threads if args.dask_scheduler else threads,
+                                              interrupts)
+            finally:
+                backend.close()
+    summary, code = batch.summary(started, interrupted, mode)
+    print(format_table(summary))
+    try:
+        try:
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StyleTransferError(f"cannot write the summary {summary_path}: {reason(exc)}") from None
+        write_json(summary_path, summary, "the summary")
+        say(f"summary: {summary_path}")
+    except StyleTransferError as exc:
+        say(f"error: {exc}")
+        code = code or EXIT_FAILED
+    return code
