@@ -334,6 +334,8 @@ class Parser(argparse.ArgumentParser):
 def _argparse_type(option: Option) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
+            if option.nargs:  # argparse converts one item at a time and makes the list itself
+                return parse_value(option.name, [text])[0]
             return parse_value(option.name, text)
         except StyleTransferError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
