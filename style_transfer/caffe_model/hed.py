@@ -92,7 +92,7 @@ def fetch_converted(info: ModelInfo, staging: Path, source: str | None, *, progr
     staging.unlink(missing_ok=True)
     try:
         h5, label = _h5_bytes(info, staging.parent, source, progress=progress, say=say)
-        say(f"converting the VGG16 layers of {label} into {staging.name.removesuffix('.new')}")
+        say(f"converting the VGG16 layers of {label}")
         staging.write_bytes(convert(h5, info.prototxt, label))
         try:
             check_caffemodel(info.prototxt, read_caffemodel(staging))
