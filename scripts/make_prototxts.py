@@ -1,4 +1,4 @@
-"""Generate the deploy prototxts under models/ from compact architecture tables.
+"""Generate the deploy prototxts under models/ (and style_transfer/models/) from compact architecture tables.
 
 Layer and blob names must match the public caffemodels exactly, because weights
 are matched to layers by name when a caffemodel is loaded:
@@ -7,11 +7,12 @@ are matched to layers by name when a caffemodel is loaded:
     models/vgg16/deploy.prototxt      VGG_ILSVRC_16_layers.caffemodel
     models/googlenet/deploy.prototxt  bvlc_googlenet.caffemodel
     models/caffenet/deploy.prototxt   bvlc_reference_caffenet.caffemodel
+    style_transfer/models/vgg16-hed/deploy.prototxt   vgg16_hed.caffemodel (VGG16's conv layers only)
 
 Only what inference needs is emitted: no lr_mult/decay_mult, no fillers.
 
 Usage:
-    python scripts/make_prototxts.py          # (re)write the four files
+    python scripts/make_prototxts.py          # (re)write the five files
     python scripts/make_prototxts.py --check  # exit 1 if any file on disk differs
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models"
+PACKAGE_MODELS_DIR = REPO_ROOT / "style_transfer" / "models"
 SCRIPT_NAME = "scripts/make_prototxts.py"
 
 # Batch size of the Input layer. The public deploy files use 10; the tool reshapes
@@ -162,7 +164,7 @@ VGG19_STAGES: tuple[tuple[int, int], ...] = (
 )
 
 
-def vgg(stages: Sequence[tuple[int, int]]) -> list[Layer]:
+def vgg(stages: Sequence[tuple[int, int]], *, fc: bool = True) -> list[Layer]:
     layers = [input_layer(224)]
     blob = "data"
     for s, (channels, count) in enumerate(stages, start=1):
@@ -173,7 +175,7 @@ def vgg(stages: Sequence[tuple[int, int]]) -> list[Layer]:
             blob = name
         layers.append(pool(f"pool{s}", blob, "MAX", 2, 2))
         blob = f"pool{s}"
-    return layers + fc_head(blob)
+    return layers + fc_head(blob) if fc else layers
 
 
 # --------------------------------------------------------------------------- #
@@ -326,10 +328,11 @@ def render(net_name: str, caffemodel: str, layers: Sequence[Layer]) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    path: str  # relative to models/
+    path: str  # relative to root
     net_name: str
     caffemodel: str
     build: Callable[[], list[Layer]]
+    root: Path = MODELS_DIR
 
 
 TARGETS: tuple[Target, ...] = (
@@ -354,12 +357,20 @@ TARGETS: tuple[Target, ...] = (
         "bvlc_reference_caffenet.caffemodel",
         caffenet,
     ),
+    # The convolution layers of VGG16 alone (through pool5): the vgg16-hed weights have no fc layers.
+    Target(
+        "vgg16-hed/deploy.prototxt",
+        "VGG_ILSVRC_16_layers",
+        "vgg16_hed.caffemodel",
+        lambda: vgg(VGG16_STAGES, fc=False),
+        PACKAGE_MODELS_DIR,
+    ),
 )
 
 
 def generate() -> dict[Path, str]:
     return {
-        MODELS_DIR / t.path: render(t.net_name, t.caffemodel, t.build())
+        t.root / t.path: render(t.net_name, t.caffemodel, t.build())
         for t in TARGETS
     }
 

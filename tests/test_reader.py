@@ -127,6 +127,8 @@ PUBLISHED = {
     "googlenet": {"conv1/7x7_s2": (64, 112, 112), "conv2/3x3": (192, 56, 56), "inception_3a/output": (256, 28, 28),
                   "inception_4a/output": (512, 14, 14), "inception_5a/output": (832, 7, 7),
                   "inception_5b/output": (1024, 7, 7), "loss3/classifier": (1000,)},
+    "vgg16-hed": {"conv1_1": (64, 224, 224), "conv4_2": (512, 28, 28), "conv5_1": (512, 14, 14),
+                  "pool5": (512, 7, 7)},
     "caffenet": {"conv1": (96, 55, 55), "conv4": (384, 13, 13), "conv5": (256, 13, 13), "pool5": (256, 6, 6),
                  "fc8": (1000,)},
 }

