@@ -45,7 +45,7 @@ RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/keep-t
  && pip install --no-cache-dir -c /tmp/keep-torch.txt -r requirements.txt \
  && rm /tmp/keep-torch.txt
 
-COPY scripts/install_caffe.sh scripts/
+COPY scripts/install_caffe.sh scripts/caffe_patches.py scripts/
 # The build tree is dropped afterwards; the cache folder keeps the built package the .pth file points to.
 RUN if [ "$WITH_CAFFE" = 1 ]; then \
       PYTHON="$(command -v python)" STYLE_TRANSFER_CACHE=/opt/caffe bash scripts/install_caffe.sh --cuda \

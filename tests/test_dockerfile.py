@@ -72,7 +72,8 @@ def copy_sources() -> list[str]:
 
 def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
     sources = copy_sources()
-    assert {"requirements.txt", "style.py", "style_transfer/", "models/", "scripts/install_caffe.sh"} <= set(sources)
+    assert {"requirements.txt", "style.py", "style_transfer/", "models/", "scripts/install_caffe.sh",
+            "scripts/caffe_patches.py"} <= set(sources)
     patterns = _dockerignore()
     for source in sources:
         matches = list(ROOT.glob(source.rstrip("/"))) if any(c in source for c in "*?[") else [ROOT / source]
