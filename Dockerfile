@@ -55,7 +55,6 @@ RUN if [ "$WITH_CAFFE" = 1 ]; then \
 
 COPY style.py ./
 COPY style_transfer/ style_transfer/
-COPY models/ models/
 COPY scripts/ scripts/
 
 # PYTHONPATH lets `dask worker` (same image, --entrypoint dask) import style_transfer for style.py batch jobs.

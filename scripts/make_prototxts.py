@@ -1,12 +1,12 @@
-"""Generate the deploy prototxts under models/ from compact architecture tables.
+"""Generate the deploy prototxts under style_transfer/models/ (package data) from compact architecture tables.
 
 Layer and blob names must match the public caffemodels exactly, because weights
 are matched to layers by name when a caffemodel is loaded:
 
-    models/vgg19/deploy.prototxt      VGG_ILSVRC_19_layers.caffemodel
-    models/vgg16/deploy.prototxt      VGG_ILSVRC_16_layers.caffemodel
-    models/googlenet/deploy.prototxt  bvlc_googlenet.caffemodel
-    models/caffenet/deploy.prototxt   bvlc_reference_caffenet.caffemodel
+    style_transfer/models/vgg19/deploy.prototxt      VGG_ILSVRC_19_layers.caffemodel
+    style_transfer/models/vgg16/deploy.prototxt      VGG_ILSVRC_16_layers.caffemodel
+    style_transfer/models/googlenet/deploy.prototxt  bvlc_googlenet.caffemodel
+    style_transfer/models/caffenet/deploy.prototxt   bvlc_reference_caffenet.caffemodel
 
 Only what inference needs is emitted: no lr_mult/decay_mult, no fillers.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = REPO_ROOT / "models"
+MODELS_DIR = REPO_ROOT / "style_transfer" / "models"
 SCRIPT_NAME = "scripts/make_prototxts.py"
 
 # Batch size of the Input layer. The public deploy files use 10; the tool reshapes
@@ -326,7 +326,7 @@ def render(net_name: str, caffemodel: str, layers: Sequence[Layer]) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    path: str  # relative to models/
+    path: str  # relative to MODELS_DIR
     net_name: str
     caffemodel: str
     build: Callable[[], list[Layer]]
