@@ -8,8 +8,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from style_transfer.caffe_model import registry
 
@@ -49,14 +54,16 @@ def _copy_project(dest: Path) -> Path:
 
 
 _INSTALLED_CHECK = """
-import json, sys
+import importlib.metadata, json, sys
+import style_transfer
 from style_transfer.caffe_model import registry
 from style_transfer.caffe_model.reader import read_prototxt
 info = registry.get_model("vgg19")
 net = read_prototxt(info.prototxt)
 print(json.dumps({"package": registry.__file__, "prototxt": str(info.prototxt), "exists": info.prototxt.is_file(),
                   "layers": len(net.layers), "weights": str(info.weights_path()),
-                  "root": str(registry.models_root())}))
+                  "root": str(registry.models_root()), "version": importlib.metadata.version("style-transfer-caffe"),
+                  "__version__": style_transfer.__version__}))
 """
 
 
@@ -82,6 +89,7 @@ def test_an_installed_package_has_its_prototxts_and_keeps_weights_out_of_site_pa
     root = Path(got["root"])
     assert not root.is_relative_to(target) and not Path(got["weights"]).is_relative_to(target)
     assert root == home / ".cache" / "style-transfer" / "models"
+    assert got["version"] == got["__version__"]  # the built metadata takes the package's version
 
 
 def test_weights_root_in_a_checkout_and_its_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,3 +115,65 @@ def test_shipped_prototxts_are_package_data() -> None:
         assert info.prototxt.is_file(), name
         assert info.prototxt.is_relative_to(ROOT / "style_transfer"), name
     assert not list((ROOT / "models").glob("*/deploy.prototxt")), "prototxts left in models/"
+
+
+def _pyproject() -> dict[str, Any]:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        return tomllib.load(f)
+
+
+def _requirement_lines(path: Path) -> list[Requirement]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [Requirement(line) for line in lines if line and not line.startswith("-")]
+
+
+def _by_name(requirements: list[Requirement]) -> dict[str, Requirement]:
+    out: dict[str, Requirement] = {}
+    for req in requirements:
+        name = canonicalize_name(req.name)
+        assert name not in out, f"{req.name} is listed twice"
+        out[name] = req
+    return out
+
+
+def test_requirements_txt_and_pyproject_agree() -> None:
+    project = _pyproject()["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    for extra in project.get("optional-dependencies", {}).values():
+        declared += [Requirement(r) for r in extra]
+    declared_by_name = _by_name(declared)
+    pinned = _by_name(_requirement_lines(ROOT / "requirements.txt"))
+    undeclared = sorted(set(pinned) - set(declared_by_name))
+    assert not undeclared, f"in requirements.txt but not in pyproject.toml: {undeclared}"
+    for name, req in pinned.items():
+        other = declared_by_name[name]
+        assert (req.specifier, req.extras, req.marker) == (other.specifier, other.extras, other.marker), \
+            f"{name}: requirements.txt says {req}, pyproject.toml says {other}"
+    assert {"scikit-image", "h5py"} <= set(pinned)
+
+
+def test_protobuf_is_pinned_to_what_pycaffe_links_against() -> None:
+    """One protobuf everywhere: Debian 12's C++ protobuf 3.21 is in the same process as pycaffe."""
+    deps = _by_name([Requirement(r) for r in _pyproject()["project"]["dependencies"]])
+    assert str(deps["protobuf"].specifier) == "==4.21.12"
+    script = (ROOT / "scripts" / "install_caffe.sh").read_text()
+    assert "readonly PY_PROTOBUF_VERSION=4.21.12\n" in script
+
+
+def test_the_version_is_written_once() -> None:
+    data = _pyproject()
+    assert "version" not in data["project"] and "version" in data["project"]["dynamic"]
+    assert data["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "style_transfer.__version__"}
+    import style_transfer
+
+    assert Version(style_transfer.__version__)  # a valid version
+
+
+def test_dask_is_an_optional_extra() -> None:
+    project = _pyproject()["project"]
+    extra = _by_name([Requirement(r) for r in project["optional-dependencies"]["dask"]])
+    assert "distributed" in extra["dask"].extras
+    assert "dask" not in _by_name([Requirement(r) for r in project["dependencies"]])
+    # The tests use dask, so what CI installs has it.
+    ci = _by_name(_requirement_lines(ROOT / "requirements.txt") + _requirement_lines(ROOT / "requirements-dev.txt"))
+    assert "dask" in ci
