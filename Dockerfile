@@ -45,7 +45,7 @@ RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/keep-t
  && pip install --no-cache-dir -c /tmp/keep-torch.txt -r requirements.txt \
  && rm /tmp/keep-torch.txt
 
-COPY scripts/install_caffe.sh scripts/
+COPY scripts/install_caffe.sh scripts/caffe_patches.py scripts/
 # The build tree is dropped afterwards; the cache folder keeps the built package the .pth file points to.
 RUN if [ "$WITH_CAFFE" = 1 ]; then \
       PYTHON="$(command -v python)" STYLE_TRANSFER_CACHE=/opt/caffe bash scripts/install_caffe.sh --cuda \
@@ -55,7 +55,6 @@ RUN if [ "$WITH_CAFFE" = 1 ]; then \
 
 COPY style.py ./
 COPY style_transfer/ style_transfer/
-COPY models/ models/
 COPY scripts/ scripts/
 
 # PYTHONPATH lets `dask worker` (same image, --entrypoint dask) import style_transfer for style.py batch jobs.

@@ -13,8 +13,8 @@ set -euo pipefail
 readonly CAFFE_DIST=brocolli-caffe
 readonly CAFFE_VERSION=9.0.2
 readonly CAFFE_SDIST_SHA256=c6410cc60bdd6db685d441b66be7df05410f8850ac88d6b75d48ef9b2315c08a
-# Bump when the patches or build flags below change: cached builds made by an
-# older recipe are then rebuilt.
+# Bump when the patches (scripts/caffe_patches.py) or the build flags below
+# change: cached builds made by an older recipe are then rebuilt.
 readonly BUILD_RECIPE=1
 # The Python protobuf runtime that matches the protoc of Debian 12 (3.21.x),
 # which generates caffe_pb2.py.
@@ -125,6 +125,7 @@ LOG="$WORK/build.log"
 STAMP="$WORK/.installed"
 STAMP_VALUE="${CAFFE_DIST}==${CAFFE_VERSION} recipe=${BUILD_RECIPE} variant=${VARIANT} python=${PY_TAG}"
 PTH="$PY_SITE/caffe_style_transfer.pth"
+PATCHES_PY="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/caffe_patches.py"
 SDIST="$CACHE_ROOT/downloads/${CAFFE_DIST}-${CAFFE_VERSION}.tar.gz"
 
 log "python:  $PYTHON ($PY_VERSION)"
@@ -243,224 +244,10 @@ extract_sdist() {
   mv "$SRC.tmp" "$SRC"
 }
 
-# Build fixes. Each is applied once (marked by a comment or checked by its
-# result) and fails loudly if the text it expects is not there.
+# Build fixes: scripts/caffe_patches.py (named patches; a re-run is a no-op, a patch that finds nothing to patch
+# fails the run).
 patch_sources() {
-  "$PYTHON" - "$SRC" <<'PY'
-import os, re, sys
-
-src = sys.argv[1]
-MARK = "style-transfer patch"
-
-
-def edit(rel, name, fn, done=lambda text: MARK in text):
-    path = os.path.join(src, rel)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if done(text):
-        print("  patch %-40s already applied" % name)
-        return
-    new = fn(text)
-    if new == text or not done(new):
-        sys.exit("patch %s: %s does not look as expected (upstream changed?)" % (name, rel))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
-    print("  patch %-40s applied" % name)
-
-
-def sub1(pattern, repl, text, flags=re.M):
-    new, n = re.subn(pattern, lambda m: repl, text, flags=flags)
-    if n != 1:
-        sys.exit("pattern %r matched %d times, expected once" % (pattern, n))
-    return new
-
-
-# 1. Top-level CMakeLists.txt: no Anaconda folders; CPU_ONLY only when asked.
-def top(text):
-    text = sub1(r"^add_definitions\( *-DCPU_ONLY=1 *\)\n",
-                "# [%s] -DCPU_ONLY=1 is added below only if CPU_ONLY\n" % MARK, text)
-    text = sub1(r"^include\(cmake/Dependencies\.cmake\)\n",
-                "include(cmake/Dependencies.cmake)\n"
-                "if(CPU_ONLY)  # [%s]\n"
-                "  add_definitions(-DCPU_ONLY=1)\n"
-                "endif()\n" % MARK, text)
-    text = sub1(r"^include_directories\(\$\{ANACONDA_HOME\}/include[^\n]*\n", "", text)
-    text = sub1(r"^link_directories\(\$\{ANACONDA_HOME\}/lib\)\n",
-                "# [%s] Python3 (with NumPy headers), HDF5 and Boost found by CMake\n"
-                "find_package(Python3 REQUIRED COMPONENTS Interpreter Development.Module NumPy)\n"
-                "find_package(HDF5 REQUIRED COMPONENTS C HL)\n"
-                "find_package(Boost REQUIRED COMPONENTS thread system filesystem regex\n"
-                "             python${Python3_VERSION_MAJOR}${Python3_VERSION_MINOR})\n"
-                "include_directories(${Python3_INCLUDE_DIRS} ${Python3_NumPy_INCLUDE_DIRS}\n"
-                "                    ${HDF5_INCLUDE_DIRS} ${Boost_INCLUDE_DIRS})\n" % MARK, text)
-    return text
-
-
-edit("CMakeLists.txt", "CMakeLists.txt (Python3/NumPy/HDF5/Boost)", top)
-
-
-# 2. cmake/Dependencies.cmake: the fork never includes Cuda.cmake.
-def deps(text):
-    return text.rstrip("\n") + (
-        "\n\n# ---[ CUDA  [%s]\n"
-        "if(NOT CPU_ONLY)\n"
-        "  include(cmake/Cuda.cmake)\n"
-        "  if(NOT HAVE_CUDA)\n"
-        "    message(FATAL_ERROR \"CPU_ONLY=OFF but CUDA was not found (set CUDA_TOOLKIT_ROOT_DIR)\")\n"
-        "  endif()\n"
-        "endif()\n" % MARK)
-
-
-edit("cmake/Dependencies.cmake", "cmake/Dependencies.cmake (CUDA)", deps)
-
-
-# 3. cmake/Cuda.cmake: do not hand the host C++ standard to nvcc (CUDA 12+
-# headers want C++17, nvcc picks its own default); the .cpp files keep C++14.
-def cuda(text):
-    return sub1(r'^ *string\(REPLACE "/EHa" "" \$\{var\} "\$\{\$\{var\}\}"\)\n',
-                '    string(REPLACE "/EHa" "" ${var} "${${var}}")\n'
-                '    string(REPLACE "-std=c++14" "" ${var} "${${var}}")  # [%s]\n' % MARK,
-                text)
-
-
-edit("cmake/Cuda.cmake", "cmake/Cuda.cmake (nvcc C++ standard)", cuda)
-
-
-# 4. python/CMakeLists.txt: link the interpreter's boost_python3XX and CMake's
-# HDF5 libraries (not -lboost_python / plain -lhdf5); compile the .cu files
-# into _caffe.so for CUDA builds (the fork has no libcaffe target).
-def python_cmake(text):
-    text = sub1(r"^include_directories\(\$\{Caffe_INCLUDE_DIR\}\)\n",
-                "include_directories(${Caffe_INCLUDE_DIR})\n"
-                "if(HAVE_CUDA)  # [%s]\n"
-                "  include_directories(${CUDA_INCLUDE_DIRS})\n"
-                "  caffe_cuda_compile(cuda_objs ${cuda})\n"
-                "  list(APPEND srcs ${cuda_objs} ${cuda})\n"
-                "endif()\n" % MARK, text)
-    text = sub1(r"^target_link_libraries\(pycaffe proto [^\n]*\n",
-                "# [%s] interpreter's boost_python, CMake's HDF5\n"
-                "target_link_libraries(pycaffe proto glog gflags protobuf ${Boost_LIBRARIES}\n"
-                "                      ${HDF5_HL_LIBRARIES} ${HDF5_LIBRARIES} openblas)\n"
-                "if(HAVE_CUDA)\n"
-                "  target_link_libraries(pycaffe ${CUDA_CUDART_LIBRARY} ${CUDA_curand_LIBRARY}\n"
-                "                        ${CUDA_CUBLAS_LIBRARIES})\n"
-                "endif()\n" % MARK, text)
-    return text
-
-
-edit("python/CMakeLists.txt", "python/CMakeLists.txt (link libraries)", python_cmake)
-
-# 5. src/caffe/net.cpp includes a gtest header it does not use.
-TEST_INCLUDE = '#include "caffe/test/test_caffe_main.hpp"'
-edit("src/caffe/net.cpp", "src/caffe/net.cpp (gtest include)",
-     lambda t: sub1(r'^#include "caffe/test/test_caffe_main\.hpp"\n', "", t),
-     done=lambda t: TEST_INCLUDE not in t)
-
-
-# 6. src/caffe/common.cpp: Caffe::DeviceQuery() (GPU builds only) prints
-# cudaDeviceProp fields that CUDA 13 removed.
-def common(text):
-    for pat in (r'^  LOG\(INFO\) << "Clock rate: *" << prop\.clockRate;\n',
-                r'^  LOG\(INFO\) << "Concurrent copy and execution: "\n'
-                r' *<< \(prop\.deviceOverlap \? "Yes" : "No"\);\n',
-                r'^  LOG\(INFO\) << "Kernel execution timeout: *"\n'
-                r' *<< \(prop\.kernelExecTimeoutEnabled \? "Yes" : "No"\);\n'):
-        m = re.search(pat, text, flags=re.M)
-        if not m:
-            sys.exit("common.cpp: %r not found" % pat)
-        text = (text[:m.start()] + "#if CUDART_VERSION < 13000  // [%s]\n" % MARK
-                + m.group(0) + "#endif\n" + text[m.end():])
-    return text
-
-
-edit("src/caffe/common.cpp", "src/caffe/common.cpp (CUDA 13)", common)
-
-
-# 7. src/caffe/layers/proposal_layer.cu (CUDA builds only) instantiates
-# ProposalLayer::Backward_gpu, which the fork declares but never defines:
-# define it as a no-op like its Backward_cpu.
-edit("src/caffe/layers/proposal_layer.cu", "proposal_layer.cu (Backward_gpu)",
-     lambda t: sub1(r"^INSTANTIATE_LAYER_GPU_FUNCS\(ProposalLayer\);\n",
-                    "// [%s] declared in the header, defined nowhere\n"
-                    "template <typename Dtype>\n"
-                    "void ProposalLayer<Dtype>::Backward_gpu(const vector<Blob<Dtype>*>& top,\n"
-                    "    const vector<bool>& propagate_down, const vector<Blob<Dtype>*>& bottom) {}\n"
-                    "\n"
-                    "INSTANTIATE_LAYER_GPU_FUNCS(ProposalLayer);\n" % MARK, t))
-
-
-# 8. Layers the fork added without a .cu file (HardSigmoid, HardSwish,
-# MaxUnPool, PixelShuffle, ReLU6, Upsample) declare Forward_gpu/Backward_gpu
-# but only define them (as stubs) with CPU_ONLY: a CUDA build links, then fails
-# to import (undefined symbol ...Forward_gpu). Give them a GPU path that runs
-# the CPU code, as Caffe's Layer base class does for layers without one.
-STUB = re.compile(r"^([ \t]*)#ifdef CPU_ONLY\n[ \t]*STUB_GPU\((\w+)\);\n[ \t]*#endif\n", re.M)
-layers_dir = os.path.join(src, "src/caffe/layers")
-n_cpu_fallback = 0
-for name in sorted(os.listdir(layers_dir)):
-    base, ext = os.path.splitext(name)
-    if ext != ".cpp" or os.path.exists(os.path.join(layers_dir, base + ".cu")):
-        continue
-    with open(os.path.join(layers_dir, name), encoding="utf-8") as f:
-        text = f.read()
-    if MARK in text:
-        n_cpu_fallback += 1
-        print("  patch %-40s already applied" % (name + " (GPU -> CPU)"))
-        continue
-    m = STUB.search(text)
-    if not m:
-        continue
-    cls = m.group(2)
-    text = text[:m.start()] + (
-        "#ifdef CPU_ONLY\n"
-        "STUB_GPU(%(cls)s);\n"
-        "#else  // [%(mark)s] no .cu for this layer: run the CPU code\n"
-        "template <typename Dtype>\n"
-        "void %(cls)s<Dtype>::Forward_gpu(const vector<Blob<Dtype>*>& bottom,\n"
-        "    const vector<Blob<Dtype>*>& top) {\n"
-        "  this->Forward_cpu(bottom, top);\n"
-        "}\n"
-        "template <typename Dtype>\n"
-        "void %(cls)s<Dtype>::Backward_gpu(const vector<Blob<Dtype>*>& top,\n"
-        "    const vector<bool>& propagate_down, const vector<Blob<Dtype>*>& bottom) {\n"
-        "  this->Backward_cpu(top, propagate_down, bottom);\n"
-        "}\n"
-        "#endif\n" % {"cls": cls, "mark": MARK}) + text[m.end():]
-    with open(os.path.join(layers_dir, name), "w", encoding="utf-8") as f:
-        f.write(text)
-    n_cpu_fallback += 1
-    print("  patch %-40s applied" % (name + " (GPU -> CPU)"))
-if n_cpu_fallback == 0:
-    sys.exit("patch GPU -> CPU fallback: no layer without a .cu found (upstream changed?)")
-
-
-# 9. The sdist ships protoc output of an older protobuf (caffe.pb.h/.pb.cc,
-# caffe_pb2.py). The build generates fresh ones into the build tree, but nvcc
-# searches include/ first and would pick the stale header (#error: "generated
-# by an older version of protoc"): remove them. (caffe_pb2.py is replaced by
-# the fresh one after the build.)
-for rel in ("include/caffe/proto/caffe.pb.h", "src/caffe/proto/caffe.pb.cc"):
-    path = os.path.join(src, rel)
-    if os.path.exists(path):
-        os.remove(path)
-        print("  patch %-40s removed" % rel)
-    else:
-        print("  patch %-40s already removed" % rel)
-
-
-# 10. python/caffe/io.py: calls removed from NumPy 2 (ndarray.tostring) or
-# deprecated (np.fromstring on bytes), and scikit-image's old as_grey keyword.
-def io_py(text):
-    text = sub1(r"arr\.tostring\(\)", "arr.tobytes()", text)
-    text = sub1(r"np\.fromstring\(datum\.data, dtype=np\.uint8\)",
-                "np.frombuffer(datum.data, dtype=np.uint8).copy()", text)
-    text = sub1(r"as_grey=", "as_gray=", text)
-    return text
-
-
-edit("python/caffe/io.py", "python/caffe/io.py (NumPy 2, scikit-image)", io_py,
-     done=lambda t: "tostring()" not in t and "np.fromstring(" not in t and "as_grey" not in t)
-PY
+  "$PYTHON" "$PATCHES_PY" "$SRC"
 }
 
 # ------------------------------------------------------------------ building
@@ -645,6 +432,7 @@ else
     log "cached build ($(cat "$STAMP")) is out of date or fails its check: rebuilding from scratch"
     rm -rf "$SRC" "$BUILD" "$PYDIR" "$STAMP"
   fi
+  [[ -f "$PATCHES_PY" ]] || die "$PATCHES_PY is missing (it comes with this script)"
   fetch_sdist
   extract_sdist
   log "patching $SRC"

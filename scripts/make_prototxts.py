@@ -1,13 +1,13 @@
-"""Generate the deploy prototxts under models/ (and style_transfer/models/) from compact architecture tables.
+"""Generate the deploy prototxts under style_transfer/models/ (package data) from compact architecture tables.
 
 Layer and blob names must match the public caffemodels exactly, because weights
 are matched to layers by name when a caffemodel is loaded:
 
-    models/vgg19/deploy.prototxt      VGG_ILSVRC_19_layers.caffemodel
-    models/vgg16/deploy.prototxt      VGG_ILSVRC_16_layers.caffemodel
-    models/googlenet/deploy.prototxt  bvlc_googlenet.caffemodel
-    models/caffenet/deploy.prototxt   bvlc_reference_caffenet.caffemodel
-    style_transfer/models/vgg16-hed/deploy.prototxt   vgg16_hed.caffemodel (VGG16's conv layers only)
+    style_transfer/models/vgg19/deploy.prototxt      VGG_ILSVRC_19_layers.caffemodel
+    style_transfer/models/vgg16/deploy.prototxt      VGG_ILSVRC_16_layers.caffemodel
+    style_transfer/models/googlenet/deploy.prototxt  bvlc_googlenet.caffemodel
+    style_transfer/models/caffenet/deploy.prototxt   bvlc_reference_caffenet.caffemodel
+    style_transfer/models/vgg16-hed/deploy.prototxt  vgg16_hed.caffemodel (VGG16's conv layers only)
 
 Only what inference needs is emitted: no lr_mult/decay_mult, no fillers.
 
@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = REPO_ROOT / "models"
-PACKAGE_MODELS_DIR = REPO_ROOT / "style_transfer" / "models"
+MODELS_DIR = REPO_ROOT / "style_transfer" / "models"
 SCRIPT_NAME = "scripts/make_prototxts.py"
 
 # Batch size of the Input layer. The public deploy files use 10; the tool reshapes
@@ -328,11 +327,10 @@ def render(net_name: str, caffemodel: str, layers: Sequence[Layer]) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    path: str  # relative to root
+    path: str  # relative to MODELS_DIR
     net_name: str
     caffemodel: str
     build: Callable[[], list[Layer]]
-    root: Path = MODELS_DIR
 
 
 TARGETS: tuple[Target, ...] = (
@@ -363,14 +361,13 @@ TARGETS: tuple[Target, ...] = (
         "VGG_ILSVRC_16_layers",
         "vgg16_hed.caffemodel",
         lambda: vgg(VGG16_STAGES, fc=False),
-        PACKAGE_MODELS_DIR,
     ),
 )
 
 
 def generate() -> dict[Path, str]:
     return {
-        t.root / t.path: render(t.net_name, t.caffemodel, t.build())
+        MODELS_DIR / t.path: render(t.net_name, t.caffemodel, t.build())
         for t in TARGETS
     }
 

