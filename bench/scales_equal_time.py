@@ -36,7 +36,7 @@ def run_for(st: StyleTransfer, content: np.ndarray, style: np.ndarray, length: i
     The budget is counted in full-size evaluations (an evaluation at a smaller size costs its pixel share), which
     is what wall time measures on an idle machine but stays fair when other jobs share the CPU.
     """
-    run = st.stylize(content, [style], length=length, iterations=iterations, scales=scales, ratio=RATIO,
+    run = st.stylize(content, [style], length=length, num_iters=iterations, scales=scales, ratio=RATIO,
                      style_scale=STYLE_SCALE)
     start = time.perf_counter()
     last = None

@@ -133,7 +133,7 @@ class Runner:
         from style_transfer import images
 
         a = self.args
-        run = self.model(model).stylize(content, [style], ratio=a.ratio, iterations=iterations, length=a.length,
+        run = self.model(model).stylize(content, [style], ratio=a.ratio, num_iters=iterations, length=a.length,
                                         init=a.init, seed=a.seed)
         taken: dict[int, tuple[np.ndarray, float]] = {}
         started = time.perf_counter()

@@ -269,8 +269,8 @@ def test_save_every_and_animation(tmp_path: Path, pair: tuple[Path, Path], tiny:
     assert gif.n_frames >= 4 and gif.size == (32, 24)
 
 
-# The child makes its 12th evaluation long (a few iterations in) (the real evaluation, many times over) and says so in a file; the
-# parent then sends SIGINT, which lands in the middle of that evaluation. SIGINT's disposition is set in the child,
+# The child makes its 12th evaluation (a few iterations in) long, the real evaluation many times over, and says so
+# in a file; the parent then sends SIGINT, which lands in the middle of that evaluation. SIGINT's disposition is set in the child,
 # since a test runner started in the background of a non-interactive shell passes SIGINT on as ignored.
 _SLOW_CHILD = """
 import signal, sys

@@ -346,7 +346,7 @@ def test_sizes_change_between_calls(caffe: Any, shipped: Callable[[str], Shipped
 def _run(engine: str, proto: Path, model: Path, content: np.ndarray, style: np.ndarray) -> tuple[np.ndarray, int]:
     st = StyleTransfer(prototxt=proto, weights=model, style_layers="conv1,conv2,conv3", content_layers="conv2",
                        pooling="avg", engine=engine, gpu=-1)
-    result = st.stylize(content, [style], ratio=1e3, iterations=10, length=32, init="content").run()
+    result = st.stylize(content, [style], ratio=1e3, num_iters=10, length=32, init="content").run()
     assert result.iterations == 10
     return images.deprocess(result.x) * 255.0, int(result.report["evaluations"])
 
