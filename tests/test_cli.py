@@ -270,8 +270,8 @@ def test_save_every_and_animation(tmp_path: Path, pair: tuple[Path, Path], tiny:
 
 
 # The child makes its 12th evaluation (a few iterations in) long, the real evaluation many times over, and says so
-# in a file; the parent then sends SIGINT, which lands in the middle of that evaluation. SIGINT's disposition is set in the child,
-# since a test runner started in the background of a non-interactive shell passes SIGINT on as ignored.
+# in a file; the parent then sends SIGINT, which lands in the middle of that evaluation. SIGINT's disposition is
+# set in the child, since a test runner started in the background of a non-interactive shell passes it on ignored.
 _SLOW_CHILD = """
 import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
