@@ -43,11 +43,6 @@ def gram_numpy(features: np.ndarray) -> np.ndarray:
     return f @ f.T
 
 
-def gram_torch(features: torch.Tensor) -> torch.Tensor:
-    f = features.reshape(features.shape[0], -1)
-    return f @ f.T
-
-
 def style_scale(features_shape: tuple[int, ...]) -> float:
     """1 / (4 C^2 (HW)^2): the original's c/4 with c = 1 / (N_l^2 M_l^2), Gatys et al.'s E_l normalisation."""
     c = features_shape[0]
@@ -55,13 +50,11 @@ def style_scale(features_shape: tuple[int, ...]) -> float:
     return 1.0 / (4.0 * c * c * hw * hw)
 
 
-# ----------------------------------------------------------------------------------------------- autograd (plain)
-
-
 def style_loss_torch(features: torch.Tensor, targets: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
     """Unweighted style loss of one layer, 1 / (4 C^2 (HW)^2) * sum_s b_s sum (G - A_s)^2; targets S x C x C,
     blend S (Gatys et al. eq. 4; style.py's `_compute_style_gradient`)."""
-    diff = gram_torch(features).unsqueeze(0) - targets
+    f = features.reshape(features.shape[0], -1)
+    diff = (f @ f.T).unsqueeze(0) - targets
     per_style = diff.pow(2).sum(dim=(1, 2))
     return style_scale(tuple(features.shape)) * (per_style * blend).sum()
 
@@ -78,9 +71,6 @@ def tv_loss_torch(image: torch.Tensor) -> torch.Tensor:
     dh = image[:, 1:, :] - image[:, :-1, :]
     dw = image[:, :, 1:] - image[:, :, :-1]
     return dh.pow(2).sum() + dw.pow(2).sum()
-
-
-# ----------------------------------------------------------------------------------------------- torch, by hand
 
 
 @dataclass(frozen=True)
@@ -165,9 +155,6 @@ def terms_and_feature_grads(obj: Objective, targets: TorchTargets, feats: dict[s
 def is_nhwc(t: torch.Tensor) -> bool:
     """A 4-D tensor laid out channels-last (and not also contiguous, as 1 x 1 maps are in both layouts)."""
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-# ----------------------------------------------------------------------------------------------- NumPy, by hand
 
 
 def style_loss_numpy(features: np.ndarray, targets: np.ndarray, blend: np.ndarray) -> tuple[float, np.ndarray]:

@@ -17,8 +17,9 @@ from google.protobuf import text_format
 from PIL import Image
 
 from style_transfer.caffe_model import caffe_schema_pb2 as pb
+from style_transfer.caffe_model.layers import Layer
 from style_transfer.caffe_model.loader import load_net
-from style_transfer.caffe_model.net import Layer, Net, truncate
+from style_transfer.caffe_model.net import Net, truncate
 from style_transfer.caffe_model.reader import net_from_message, read_prototxt
 from style_transfer.caffe_model.registry import MODELS
 from style_transfer.engines import caffe as caffe_engine

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from style_transfer.caffe_model import caffe_schema_pb2 as pb
+from style_transfer.caffe_model.layers import LAYER_TYPES, V1_TYPES, Layer
 from style_transfer.caffe_model.loader import check_caffemodel, load_net
 from style_transfer.caffe_model.net import infer_shapes, truncate
 from style_transfer.caffe_model.reader import read_caffemodel, read_prototxt
@@ -87,6 +89,33 @@ def test_unsupported_layer_type_is_named(tmp_path: Path) -> None:
                                                                  np.zeros(4, np.float32)]}))
     with pytest.raises(ModelError, match="layer 'odd' has type 'Sigmoid'"):
         load_net(proto, model, ["odd"])
+
+
+def test_the_layer_table_matches_the_schema_and_caffe_upgrade() -> None:
+    """Every V1 enum value but NONE has a current name; the table's field names exist in both layouts."""
+    v1_names = set(pb.V1LayerParameter.LayerType.keys())
+    assert set(V1_TYPES) == v1_names - {"NONE"}
+    assert V1_TYPES["CONVOLUTION"] == "Convolution" and V1_TYPES["SOFTMAX_LOSS"] == "SoftmaxWithLoss"
+    for name, kind in LAYER_TYPES.items():
+        if kind.v1 is not None:
+            assert kind.v1 in v1_names, name
+        if kind.field is not None:
+            assert kind.field in pb.LayerParameter.DESCRIPTOR.fields_by_name, name
+            assert kind.v1 is None or kind.field in pb.V1LayerParameter.DESCRIPTOR.fields_by_name, name
+
+
+@pytest.mark.parametrize(("bottoms", "tops", "match"), [
+    (("data",), ("a", "b"), r"'relu' \(ReLU\) needs exactly 1 output blob, has 2"),
+    (("data", "data"), ("a",), r"needs exactly 1 input blob, has 2"),
+])
+def test_shape_inference_checks_blob_counts(tmp_path: Path, bottoms: tuple[str, ...], tops: tuple[str, ...],
+                                            match: str) -> None:
+    """A layer with the wrong number of blobs is a ModelError naming it, not a crash in shape inference."""
+    proto, _ = tinynets.write_net(tmp_path)
+    net = read_prototxt(proto)
+    net.layers.insert(0, Layer("relu", "ReLU", bottoms, tops))
+    with pytest.raises(ModelError, match=match):
+        infer_shapes(net, (1, 3, 16, 16))
 
 
 def test_syntax_error_has_line_number(tmp_path: Path) -> None:

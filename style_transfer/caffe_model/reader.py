@@ -11,34 +11,9 @@ import numpy as np
 from google.protobuf import message, text_format
 
 from style_transfer.caffe_model import caffe_schema_pb2 as pb
-from style_transfer.caffe_model.net import Layer, Net
+from style_transfer.caffe_model.layers import LAYER_TYPES, V1_TYPES, Layer
+from style_transfer.caffe_model.net import Net
 from style_transfer.errors import ModelError
-
-_PARAM_FIELDS = {
-    "Convolution": "convolution_param",
-    "Pooling": "pooling_param",
-    "LRN": "lrn_param",
-    "ReLU": "relu_param",
-    "Concat": "concat_param",
-    "Dropout": "dropout_param",
-    "InnerProduct": "inner_product_param",
-    "Softmax": "softmax_param",
-    "Input": "input_param",
-}
-
-# V1 enum names -> current type strings, as Caffe's own upgrade maps them.
-_V1_TYPES = {
-    "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL", "CONCAT": "Concat",
-    "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution", "DECONVOLUTION": "Deconvolution",
-    "DATA": "Data", "DROPOUT": "Dropout", "DUMMY_DATA": "DummyData", "EUCLIDEAN_LOSS": "EuclideanLoss",
-    "ELTWISE": "Eltwise", "EXP": "Exp", "FLATTEN": "Flatten", "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output",
-    "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col", "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss",
-    "INNER_PRODUCT": "InnerProduct", "LRN": "LRN", "MEMORY_DATA": "MemoryData",
-    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss", "MVN": "MVN", "POOLING": "Pooling", "POWER": "Power",
-    "RELU": "ReLU", "SIGMOID": "Sigmoid", "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss",
-    "SILENCE": "Silence", "SOFTMAX": "Softmax", "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split",
-    "SLICE": "Slice", "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
-}
 
 
 def read_prototxt_message(path: str | os.PathLike[str]) -> pb.NetParameter:
@@ -103,7 +78,7 @@ def _in_test_phase(rules_include: Iterable[Any], rules_exclude: Iterable[Any]) -
 def _layer_type(raw: Any, v1: bool) -> str:
     if v1:
         name = pb.V1LayerParameter.LayerType.Name(raw.type)
-        return _V1_TYPES.get(name, name)
+        return V1_TYPES.get(name, name)
     return str(raw.type)
 
 
@@ -148,9 +123,8 @@ def net_from_message(param: pb.NetParameter, source: str = "prototxt") -> Net:
             shapes = raw.input_param.shape
             input_shape = tuple(int(d) for d in shapes[0].dim) if shapes else None
             continue
-        field = _PARAM_FIELDS.get(kind)
-        params = getattr(raw, field) if field and raw.HasField(field) else (
-            getattr(raw, field) if field else None)
+        field = LAYER_TYPES[kind].field if kind in LAYER_TYPES else None
+        params = getattr(raw, field) if field else None
         layers.append(Layer(name=name, type=kind, bottoms=tuple(raw.bottom), tops=tuple(raw.top), params=params))
     if input_name is None:
         raise ModelError(f"{source}: the net declares no input (use `input:` with `input_shape`/`input_dim`, "

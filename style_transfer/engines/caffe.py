@@ -28,33 +28,22 @@ import numpy as np
 from google.protobuf import text_format
 
 from style_transfer.caffe_model import caffe_schema_pb2 as pb
-from style_transfer.caffe_model.net import (
+from style_transfer.caffe_model.layers import (
+    LAYER_TYPES,
+    RUNNABLE,
     Layer,
-    Net,
+    arity_problem,
     concat_axis,
     conv_geometry,
-    infer_shapes,
     pool_geometry,
 )
+from style_transfer.caffe_model.net import Net, infer_shapes
 from style_transfer.engines.base import Engine, Evaluation, Evaluator
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import Objective, content_loss_numpy, style_loss_numpy, tv_loss_numpy
 
 INSTALL_HINT = "run scripts/install_caffe.sh (e.g. PYTHON=.venv/bin/python bash scripts/install_caffe.sh)"
 REBUILD_HINT = "rebuild it with scripts/install_caffe.sh --rebuild"
-
-# The layer types this engine hands to Caffe, with the LayerParameter field of their parameters.
-_PARAM_FIELDS: dict[str, str | None] = {
-    "Convolution": "convolution_param",
-    "Pooling": "pooling_param",
-    "LRN": "lrn_param",
-    "ReLU": "relu_param",
-    "Concat": "concat_param",
-    "Dropout": "dropout_param",
-    "Split": None,
-}
-# Only these may write their output over their input: Caffe computes the others wrongly in place or refuses.
-_IN_PLACE_TYPES = frozenset({"ReLU", "Dropout"})
 
 # Blob and im2col buffer sizes are 32-bit ints inside Caffe; beyond this it aborts.
 _INT_MAX = 2**31 - 1
@@ -162,20 +151,17 @@ def check_net(net: Net) -> None:
     produced = {net.input_name}
     for layer in net.layers:
         where = f"layer {layer.name!r} ({layer.type})"
-        if layer.type not in _PARAM_FIELDS:
+        if layer.type not in RUNNABLE:
             raise ModelError(f"{where}: the Caffe engine cannot run this layer type (supported: "
-                             f"{', '.join(sorted(_PARAM_FIELDS))})")
+                             f"{', '.join(sorted(RUNNABLE))})")
         if not layer.name or not layer.tops:
             raise ModelError(f"{where}: a layer needs a name and an output blob")
-        if layer.type == "Concat" and not layer.bottoms:
-            raise ModelError(f"{where}: needs at least 1 input blob")
-        if layer.type != "Concat" and len(layer.bottoms) != 1:
-            raise ModelError(f"{where}: needs exactly 1 input blob, has {len(layer.bottoms)}")
-        if layer.type != "Split" and len(layer.tops) != 1:
-            raise ModelError(f"{where}: needs exactly 1 output blob, has {len(layer.tops)}")
+        problem = arity_problem(layer)
+        if problem:
+            raise ModelError(f"{where}: {problem}")
         for index, top in enumerate(layer.tops):
             in_place = index < len(layer.bottoms) and layer.bottoms[index] == top
-            if in_place and layer.type not in _IN_PLACE_TYPES:
+            if in_place and not LAYER_TYPES[layer.type].in_place:
                 raise ModelError(f"{where}: cannot write its output {top!r} over its input in place")
             if top in produced and not in_place:
                 raise ModelError(f"{where}: blob {top!r} is already made by an earlier layer (only in-place "
@@ -262,7 +248,7 @@ def deploy_prototxt(net: Net, height: int, width: int, pooling: str | None) -> s
         elif layer.type == "Concat":
             lp.concat_param.axis = concat_axis(layer)
         else:
-            field = _PARAM_FIELDS[layer.type]
+            field = LAYER_TYPES[layer.type].field
             if field is not None and layer.params is not None:
                 getattr(lp, field).CopyFrom(layer.params)
                 if layer.type in ("ReLU", "LRN"):

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from style_transfer.caffe_model.net import Layer, Net, concat_axis, conv_geometry, pool_geometry
+from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, pool_geometry
+from style_transfer.caffe_model.net import Net
 from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import (
@@ -92,77 +93,94 @@ class _Op:
 
     def __init__(self, layer: Layer, pooling: str | None, weights: list[torch.Tensor], inplace_relu: bool,
                  winograd: bool = False) -> None:
-        self.layer = layer
-        self.winograd = winograd
-        self.run = self._build(layer, pooling, weights, inplace_relu, winograd)
+        self.layer, self.pooling, self.weights = layer, pooling, weights
+        self.inplace_relu, self.winograd = inplace_relu, winograd
+        build = _BUILDERS.get(layer.type)
+        if build is None:
+            raise ModelError(f"layer {layer.name!r} has type {layer.type!r}, which the torch engine cannot run")
+        self.run = build(self)
 
-    @staticmethod
-    def _build(layer: Layer, pooling: str | None, weights: list[torch.Tensor], inplace_relu: bool,
-               winograd: bool) -> Run:
-        t = layer.type
-        if t == "Convolution":
-            g = conv_geometry(layer)
-            weight = weights[0]
-            bias = weights[1] if g.bias else None
-            if winograd:
-                # The input gradient of a stride-1 convolution is the convolution of the output gradient with the
-                # flipped, transposed kernel, padded by k - 1 - pad: the same fast path serves the backward pass.
-                flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
-                back_pad = (g.kernel[0] - 1 - g.pad[0], g.kernel[1] - 1 - g.pad[1])
 
-                def conv(xs: list[torch.Tensor]) -> torch.Tensor:
-                    x = xs[0]
-                    if x.shape[2] * x.shape[3] >= _WINOGRAD_MIN_PIXELS:
-                        return _WinogradConv.apply(x, weight, bias, flipped, g.pad, back_pad)
-                    return F.conv2d(x, weight, bias, g.stride, g.pad, g.dilation, g.group)
+def _convolution(op: _Op) -> Run:
+    g = conv_geometry(op.layer)
+    weight = op.weights[0]
+    bias = op.weights[1] if g.bias else None
+    if op.winograd:
+        # The input gradient of a stride-1 convolution is the convolution of the output gradient with the flipped,
+        # transposed kernel, padded by k - 1 - pad: the same fast path serves the backward pass.
+        flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
+        back_pad = (g.kernel[0] - 1 - g.pad[0], g.kernel[1] - 1 - g.pad[1])
 
-                return conv
-            return lambda xs: F.conv2d(xs[0], weight, bias, g.stride, g.pad, g.dilation, g.group)
-        if t == "ReLU":
-            slope = float(layer.params.negative_slope) if layer.params is not None else 0.0
-            # In place only when Caffe's blob is in place too: then the value before the ReLU is never read again
-            # (a convolution's input gradient needs its weights, not its output).
-            in_place = inplace_relu and layer.tops[0] == layer.bottoms[0]
-            if slope:
-                return lambda xs: F.leaky_relu(xs[0], slope, inplace=in_place)
-            if in_place:
-                return lambda xs: xs[0].relu_()
-            return lambda xs: F.relu(xs[0])
-        if t == "Pooling":
-            p = pool_geometry(layer, pooling)
+        def conv(xs: list[torch.Tensor]) -> torch.Tensor:
+            x = xs[0]
+            if x.shape[2] * x.shape[3] >= _WINOGRAD_MIN_PIXELS:
+                return _WinogradConv.apply(x, weight, bias, flipped, g.pad, back_pad)
+            return F.conv2d(x, weight, bias, g.stride, g.pad, g.dilation, g.group)
 
-            def pool(xs: list[torch.Tensor]) -> torch.Tensor:
-                x = xs[0]
-                kernel, stride, pad = p.kernel, p.stride, p.pad
-                if p.global_pooling:
-                    kernel = (int(x.shape[2]), int(x.shape[3]))
-                if p.method == "max":
-                    return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
-                # Caffe divides by the window clipped to the padded input, padding included: torch's
-                # count_include_pad with ceil_mode computes exactly that divisor.
-                return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=True)
+        return conv
+    return lambda xs: F.conv2d(xs[0], weight, bias, g.stride, g.pad, g.dilation, g.group)
 
-            return pool
-        if t == "LRN":
-            lp = layer.params
-            size, alpha, beta, k = int(lp.local_size), float(lp.alpha), float(lp.beta), float(lp.k)
-            if size % 2 == 0:
-                raise ModelError(f"layer {layer.name!r}: LRN local_size must be odd, got {size}")
-            if lp.norm_region == 0:
-                return _across_channels_lrn(size, alpha, beta, k)
 
-            def within(xs: list[torch.Tensor]) -> torch.Tensor:
-                x = xs[0]
-                mean_sq = F.avg_pool2d(x * x, size, 1, (size - 1) // 2, count_include_pad=True)
-                return x * (1.0 + alpha * mean_sq).pow(-beta)
+def _relu(op: _Op) -> Run:
+    layer = op.layer
+    slope = float(layer.params.negative_slope) if layer.params is not None else 0.0
+    # In place only when Caffe's blob is in place too: then the value before the ReLU is never read again
+    # (a convolution's input gradient needs its weights, not its output).
+    in_place = op.inplace_relu and layer.tops[0] == layer.bottoms[0]
+    if slope:
+        return lambda xs: F.leaky_relu(xs[0], slope, inplace=in_place)
+    if in_place:
+        return lambda xs: xs[0].relu_()
+    return lambda xs: F.relu(xs[0])
 
-            return within
-        if t == "Concat":
-            axis = concat_axis(layer)
-            return lambda xs: torch.cat(xs, dim=axis)
-        if t in ("Dropout", "Split"):
-            return lambda xs: xs[0]
-        raise ModelError(f"layer {layer.name!r} has type {t!r}, which the torch engine cannot run")
+
+def _pooling(op: _Op) -> Run:
+    p = pool_geometry(op.layer, op.pooling)
+
+    def pool(xs: list[torch.Tensor]) -> torch.Tensor:
+        x = xs[0]
+        kernel, stride, pad = p.kernel, p.stride, p.pad
+        if p.global_pooling:
+            kernel = (int(x.shape[2]), int(x.shape[3]))
+        if p.method == "max":
+            return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
+        # Caffe divides by the window clipped to the padded input, padding included: torch's count_include_pad
+        # with ceil_mode computes exactly that divisor.
+        return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=True)
+
+    return pool
+
+
+def _lrn(op: _Op) -> Run:
+    lp = op.layer.params
+    size, alpha, beta, k = int(lp.local_size), float(lp.alpha), float(lp.beta), float(lp.k)
+    if size % 2 == 0:
+        raise ModelError(f"layer {op.layer.name!r}: LRN local_size must be odd, got {size}")
+    if lp.norm_region == 0:
+        return _across_channels_lrn(size, alpha, beta, k)
+
+    def within(xs: list[torch.Tensor]) -> torch.Tensor:
+        x = xs[0]
+        mean_sq = F.avg_pool2d(x * x, size, 1, (size - 1) // 2, count_include_pad=True)
+        return x * (1.0 + alpha * mean_sq).pow(-beta)
+
+    return within
+
+
+def _concat(op: _Op) -> Run:
+    axis = concat_axis(op.layer)
+    return lambda xs: torch.cat(xs, dim=axis)
+
+
+def _identity(op: _Op) -> Run:
+    return lambda xs: xs[0]
+
+
+_BUILDERS: dict[str, Callable[[_Op], Run]] = {
+    "Convolution": _convolution, "ReLU": _relu, "Pooling": _pooling, "LRN": _lrn, "Concat": _concat,
+    "Dropout": _identity, "Split": _identity,
+}
+assert set(_BUILDERS) == RUNNABLE, "the torch engine must run exactly the layer types the table marks as runnable"
 
 
 class TorchEngine(Engine):

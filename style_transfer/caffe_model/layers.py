@@ -1,0 +1,243 @@
+"""What the tool knows about each Caffe layer type, in one table (LAYER_TYPES) that the reader, shape inference and
+both engines read, with the geometry of the types that have one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from style_transfer.errors import ModelError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer, with the current layout's string type whatever layout it came from."""
+
+    name: str
+    type: str
+    bottoms: tuple[str, ...]
+    tops: tuple[str, ...]
+    # The protobuf sub-message holding the type's parameters (ConvolutionParameter, ...), or None.
+    params: Any = None
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    num_output: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]
+    dilation: tuple[int, int]
+    group: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    method: str  # "max" or "avg"
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]
+    global_pooling: bool
+
+
+def fmt_shape(shape: Iterable[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _pair(values: Sequence[int], single_h: int | None, single_w: int | None, default: int, what: str,
+          layer: str) -> tuple[int, int]:
+    if single_h is not None or single_w is not None:
+        if single_h is None or single_w is None:
+            raise ModelError(f"layer {layer!r}: {what}_h and {what}_w must be given together")
+        return int(single_h), int(single_w)
+    if len(values) == 0:
+        return default, default
+    if len(values) == 1:
+        return int(values[0]), int(values[0])
+    if len(values) == 2:
+        return int(values[0]), int(values[1])
+    raise ModelError(f"layer {layer!r}: {len(values)} values of {what}; only 2-D convolution is supported")
+
+
+def _optional(p: Any, name: str) -> int | None:
+    return getattr(p, name) if p.HasField(name) else None
+
+
+def conv_geometry(layer: Layer) -> ConvGeometry:
+    p = layer.params
+    if p is None or not p.HasField("num_output"):
+        raise ModelError(f"layer {layer.name!r}: convolution_param.num_output is missing")
+    if p.axis != 1:
+        raise ModelError(f"layer {layer.name!r}: convolution over axis {p.axis} is not supported (only axis 1)")
+    kh, kw = _optional(p, "kernel_h"), _optional(p, "kernel_w")
+    if kh is None and kw is None and len(p.kernel_size) == 0:
+        raise ModelError(f"layer {layer.name!r}: convolution_param has no kernel_size")
+    geometry = ConvGeometry(
+        num_output=int(p.num_output),
+        kernel=_pair(p.kernel_size, kh, kw, 0, "kernel", layer.name),
+        stride=_pair(p.stride, _optional(p, "stride_h"), _optional(p, "stride_w"), 1, "stride", layer.name),
+        pad=_pair(p.pad, _optional(p, "pad_h"), _optional(p, "pad_w"), 0, "pad", layer.name),
+        dilation=_pair(p.dilation, None, None, 1, "dilation", layer.name),
+        group=int(p.group),
+        bias=bool(p.bias_term),
+    )
+    if min(geometry.kernel) < 1 or min(geometry.stride) < 1 or min(geometry.dilation) < 1 or geometry.group < 1:
+        raise ModelError(f"layer {layer.name!r}: kernel, stride, dilation and group must be positive")
+    if geometry.num_output % geometry.group:
+        raise ModelError(f"layer {layer.name!r}: num_output {geometry.num_output} is not divisible by group "
+                         f"{geometry.group}")
+    return geometry
+
+
+def pool_geometry(layer: Layer, override: str | None = None) -> PoolGeometry:
+    """The pooling parameters; `override` ("max"/"avg") replaces the file's method, as the original's avg option did."""
+    p = layer.params
+    if p is None:
+        raise ModelError(f"layer {layer.name!r}: pooling_param is missing")
+    methods = {0: "max", 1: "avg"}
+    if p.pool not in methods:
+        raise ModelError(f"layer {layer.name!r}: stochastic pooling is not supported")
+    kh, kw = _optional(p, "kernel_h"), _optional(p, "kernel_w")
+    if not p.global_pooling and kh is None and kw is None and not p.HasField("kernel_size"):
+        raise ModelError(f"layer {layer.name!r}: pooling_param has no kernel_size")
+    kernel = _pair([p.kernel_size] if p.HasField("kernel_size") else [], kh, kw, 0, "kernel", layer.name)
+    stride = _pair([p.stride], _optional(p, "stride_h"), _optional(p, "stride_w"), 1, "stride", layer.name)
+    pad = _pair([p.pad], _optional(p, "pad_h"), _optional(p, "pad_w"), 0, "pad", layer.name)
+    if p.global_pooling:
+        pad, stride = (0, 0), (1, 1)
+    elif min(kernel) < 1 or min(stride) < 1:
+        raise ModelError(f"layer {layer.name!r}: pooling kernel and stride must be positive")
+    elif pad[0] >= kernel[0] or pad[1] >= kernel[1]:
+        raise ModelError(f"layer {layer.name!r}: pooling pad {pad} must be smaller than the kernel {kernel}")
+    return PoolGeometry(override or methods[p.pool], kernel, stride, pad, bool(p.global_pooling))
+
+
+def concat_axis(layer: Layer) -> int:
+    p = layer.params
+    if p is None:
+        return 1
+    axis = int(p.axis) if p.HasField("axis") or not p.HasField("concat_dim") else int(p.concat_dim)
+    if axis < 0:
+        axis += 4
+    if not 0 <= axis < 4:
+        raise ModelError(f"layer {layer.name!r}: concat axis {axis} is out of range")
+    return axis
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+def pool_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    # Caffe rounds up, then drops a last window that would start inside the padding only.
+    out = math.ceil((size + 2 * pad - kernel) / stride) + 1
+    if pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- shape rules
+# Each gives the output shapes (N, C, H, W) of a layer from its input shapes and the pooling override.
+
+
+def _same(layer: Layer, ins: list[Shape], pooling: str | None) -> list[Shape]:
+    return [ins[0]] * len(layer.tops)
+
+
+def _convolution(layer: Layer, ins: list[Shape], pooling: str | None) -> list[Shape]:
+    n, c, h, w = ins[0]
+    g = conv_geometry(layer)
+    if c % g.group:
+        raise ModelError(f"layer {layer.name!r}: {c} input channels are not divisible by group {g.group}")
+    return [(n, g.num_output, conv_output_size(h, g.kernel[0], g.stride[0], g.pad[0], g.dilation[0]),
+             conv_output_size(w, g.kernel[1], g.stride[1], g.pad[1], g.dilation[1]))]
+
+
+def _pooling(layer: Layer, ins: list[Shape], pooling: str | None) -> list[Shape]:
+    n, c, h, w = ins[0]
+    p = pool_geometry(layer, pooling)
+    if p.global_pooling:
+        return [(n, c, 1, 1)]
+    return [(n, c, pool_output_size(h, p.kernel[0], p.stride[0], p.pad[0]),
+             pool_output_size(w, p.kernel[1], p.stride[1], p.pad[1]))]
+
+
+def _inner_product(layer: Layer, ins: list[Shape], pooling: str | None) -> list[Shape]:
+    p = layer.params
+    if p is None or not p.HasField("num_output") or p.axis != 1 or p.transpose:
+        raise ModelError(f"layer {layer.name!r}: only plain InnerProduct layers (axis 1, num_output) are supported")
+    return [(ins[0][0], int(p.num_output))]
+
+
+def _concat(layer: Layer, ins: list[Shape], pooling: str | None) -> list[Shape]:
+    axis = concat_axis(layer)
+    first = ins[0]
+    for other in ins[1:]:
+        if len(other) != len(first) or any(a != b for i, (a, b) in enumerate(zip(first, other, strict=True))
+                                            if i != axis):
+            raise ModelError(f"layer {layer.name!r}: cannot concatenate shapes "
+                             f"{', '.join(fmt_shape(s) for s in ins)} along axis {axis}")
+    out = list(first)
+    out[axis] = sum(s[axis] for s in ins)
+    return [tuple(out)]
+
+
+# ----------------------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class LayerType:
+    field: str | None  # the LayerParameter (and V1LayerParameter) field holding its parameters
+    v1: str | None  # its name in V1LayerParameter.LayerType
+    runs: bool  # both engines run it
+    shape: Callable[[Layer, list[Shape], str | None], list[Shape]] | None  # its shape rule
+    in_place: bool = False  # Caffe computes it correctly with its output over its input
+    bottoms: tuple[int, int | None] = (1, 1)  # fewest and most input blobs (None: any number)
+    tops: tuple[int, int | None] = (1, 1)  # fewest and most output blobs
+
+
+LAYER_TYPES: dict[str, LayerType] = {
+    "Convolution": LayerType("convolution_param", "CONVOLUTION", True, _convolution),
+    "ReLU": LayerType("relu_param", "RELU", True, _same, in_place=True),
+    "Pooling": LayerType("pooling_param", "POOLING", True, _pooling),
+    "LRN": LayerType("lrn_param", "LRN", True, _same),
+    "Concat": LayerType("concat_param", "CONCAT", True, _concat, bottoms=(1, None)),
+    "Dropout": LayerType("dropout_param", "DROPOUT", True, _same, in_place=True),
+    "Split": LayerType(None, "SPLIT", True, _same, tops=(1, None)),
+    # Read so that full deploy files parse and their fc weights can be checked; the net is cut before them.
+    "InnerProduct": LayerType("inner_product_param", "INNER_PRODUCT", False, _inner_product),
+    "Softmax": LayerType("softmax_param", "SOFTMAX", False, _same),
+    # The reader turns an Input layer into the net's input declaration.
+    "Input": LayerType("input_param", None, False, None),
+}
+
+# The types the engines run; anything else is rejected when it is actually needed.
+RUNNABLE = frozenset(name for name, kind in LAYER_TYPES.items() if kind.runs)
+
+# V1 enum names -> current type strings, as Caffe's own upgrade maps them: the table's types, and the rest.
+V1_TYPES = {kind.v1: name for name, kind in LAYER_TYPES.items() if kind.v1} | {
+    "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
+    "CONTRASTIVE_LOSS": "ContrastiveLoss", "DECONVOLUTION": "Deconvolution", "DATA": "Data",
+    "DUMMY_DATA": "DummyData", "EUCLIDEAN_LOSS": "EuclideanLoss", "ELTWISE": "Eltwise", "EXP": "Exp",
+    "FLATTEN": "Flatten", "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output", "HINGE_LOSS": "HingeLoss",
+    "IM2COL": "Im2col", "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss", "MEMORY_DATA": "MemoryData",
+    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss", "MVN": "MVN", "POWER": "Power", "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence", "SOFTMAX_LOSS": "SoftmaxWithLoss",
+    "SLICE": "Slice", "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+}
+
+
+def arity_problem(layer: Layer) -> str | None:
+    """What is wrong with the number of the layer's input and output blobs for its type, if anything."""
+    kind = LAYER_TYPES[layer.type]
+    for what, (fewest, most), blobs in (("input", kind.bottoms, layer.bottoms), ("output", kind.tops, layer.tops)):
+        if most is None and len(blobs) < fewest:
+            return f"needs at least {fewest} {what} blob"
+        if most is not None and not fewest <= len(blobs) <= most:
+            return f"needs exactly {fewest} {what} blob, has {len(blobs)}"
+    return None
