@@ -48,15 +48,10 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from style_transfer.caffe_model import caffe_schema_pb2 as pb
+from style_transfer.caffe_model.layers import LAYER_TYPES
 from style_transfer.caffe_model.loader import check_caffemodel, check_input_shape_exact
 from style_transfer.caffe_model.net import expected_param_shapes, infer_shapes
-from style_transfer.caffe_model.reader import (
-    _PARAM_FIELDS,
-    _V1_TYPES,
-    net_from_message,
-    read_caffemodel,
-    read_prototxt_message,
-)
+from style_transfer.caffe_model.reader import net_from_message, read_caffemodel, read_prototxt_message
 from style_transfer.caffe_model.registry import ModelInfo
 from style_transfer.download import _local_path
 from style_transfer.errors import ModelError
@@ -265,13 +260,13 @@ def convert(h5: bytes, prototxt: Path, label: str) -> bytes:
     except OSError as exc:
         raise WheelError(f"{label}: the weights file is not readable HDF5 ({exc}); nothing was saved") from None
     out = pb.NetParameter(name=message.name)
-    v1_types = {v: k for k, v in _V1_TYPES.items()}
     for raw in message.layer:
-        if raw.type == "Input":
+        kind = LAYER_TYPES[raw.type]
+        if kind.v1 is None:  # the Input layer: a V1 net declares its input by `input`/`input_dim`
             continue
-        v1 = out.layers.add(name=raw.name, type=pb.V1LayerParameter.LayerType.Value(v1_types[raw.type]),
+        v1 = out.layers.add(name=raw.name, type=pb.V1LayerParameter.LayerType.Value(kind.v1),
                             bottom=raw.bottom, top=raw.top)
-        field = _PARAM_FIELDS.get(raw.type)
+        field = kind.field
         if field and raw.HasField(field):
             getattr(v1, field).CopyFrom(getattr(raw, field))
         for array in weights.get(raw.name, []):
