@@ -315,3 +315,24 @@ def test_ctrl_c_in_the_middle_of_an_evaluation_saves_and_exits_130(tmp_path: Pat
     assert proc.returncode == 130, err
     assert "interrupted after" in err and "Traceback" not in err and "terminate" not in err
     assert Image.open(out).size == (64, 48)
+
+
+def test_cli_passes_every_run_option_to_the_library(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str]) -> None:
+    """The CLI's image is the library's for the same options: colour match, original colours, noise, blend, scale."""
+    from style_transfer import images
+    from style_transfer.transfer import StyleTransfer
+
+    style, content = pair
+    out = tmp_path / "o.png"
+    flags = ["--color-match", "meancov", "--original-colors", "-i", "1", "--seed", "3", "--style-scale", "1.5",
+             "-r", "3e3", "--tv-weight", "0.01", "--lbfgs-memory", "4", "--pooling", "avg"]
+    assert main(["-s", str(style), str(content), "-c", str(content), *tiny, "-l", "32", "-n", "6", "-o", str(out),
+                 "--style-weights", "2", "1", *flags]) == 0
+    proto, weights = tiny[1], tiny[3]
+    st = StyleTransfer(prototxt=proto, weights=weights, style_layers="conv1,conv2", content_layers="conv3", gpu=-1,
+                       pooling="avg")
+    result = st.stylize(images.load_image(content), [images.load_image(style), images.load_image(content)],
+                        length=32, num_iters=6, color_match="meancov", original_colors=True, init="1", seed=3,
+                        style_scale=1.5, ratio="3e3", tv_weight=0.01, lbfgs_memory=4, style_weights=[2, 1]).run()
+    expected = np.rint(np.clip(result.rgb, 0, 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)

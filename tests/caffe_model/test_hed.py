@@ -36,7 +36,7 @@ from style_transfer.errors import ModelError, StyleTransferError
 
 NAME = "vgg16-hed"
 CI = os.environ.get("CI", "").lower() == "true"
-SHARED = Path(os.environ.get("STYLE_TRANSFER_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+SHARED = Path(os.environ.get("STYLE_TRANSFER_SHARED") or Path(__file__).resolve().parents[3] / "shared")
 REFERENCE = SHARED / "models" / "vgg16_hed.caffemodel"
 
 # The `small` fixture's nets have this fraction of VGG16's channels.
@@ -320,7 +320,7 @@ def test_no_tensorflow() -> None:
     """Converting needs h5py, never TensorFlow or Keras (the wheel declares TensorFlow; --no-deps leaves it out)."""
     code = ("import sys, style_transfer.caffe_model.hed, style_transfer.download; "
             "assert not {'tensorflow', 'keras'} & set(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 # --- Caffe reads the converted file ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from style_transfer.batch.worker import cpu_count
 from style_transfer.options import FINGERPRINTED
 from tests import tinynets
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +354,7 @@ def test_ctrl_c_stops_submitting_and_reports(tmp_path: Path, net: list[str]) -> 
     _images(tmp_path)
     rows = [{"style": "s1.png", "content": "c1.png", "output": f"out/{i}.png"} for i in range(6)]
     manifest = _manifest(tmp_path / "jobs.csv", rows)
-    code = ("import sys; from style_transfer.batch import batch_main; from tests.test_batch import slow_task; "
+    code = ("import sys; from style_transfer.batch import batch_main; from tests.batch.test_batch import slow_task; "
             "sys.exit(batch_main(sys.argv[1:], task_function=slow_task))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(manifest), *net, "--workers", "1"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

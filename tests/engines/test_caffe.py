@@ -28,9 +28,15 @@ from style_transfer.engines.torch import TorchEngine
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import Objective
 from tests import tinynets
-from tests.test_parity import assert_evaluations_match, compare_engines, objective_for, random_image, require_caffe
+from tests.engines.test_parity import (
+    assert_evaluations_match,
+    compare_engines,
+    objective_for,
+    random_image,
+    require_caffe,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_caffe(tmp_path: Path, cpu_only: bool) -> Any:

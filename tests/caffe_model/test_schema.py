@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2
 
 from style_transfer.caffe_model import caffe_schema_pb2 as pb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = "style_transfer/caffe_model/caffe_schema.proto"
 
 

@@ -34,7 +34,7 @@ from tests import tinynets
 
 pytestmark = pytest.mark.caffe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INSTALL = "PYTHON=.venv/bin/python bash scripts/install_caffe.sh"
 
 LOSS_RTOL = 1e-4

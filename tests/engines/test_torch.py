@@ -178,7 +178,7 @@ def test_devices() -> None:
 
 def test_shipped_vgg_truncated_at_conv5_1_runs(tmp_path: Path) -> None:
     """Every layer type of the shipped VGG16 up to conv5_1 runs; random weights written as a V1 caffemodel."""
-    prototxt = Path(__file__).resolve().parents[1] / "style_transfer" / "models" / "vgg16" / "deploy.prototxt"
+    prototxt = Path(__file__).resolve().parents[2] / "style_transfer" / "models" / "vgg16" / "deploy.prototxt"
     net = read_prototxt(prototxt)
     text = prototxt.read_text()
     shapes = infer_shapes(net, (1, 3, 32, 32))
