@@ -73,6 +73,7 @@ from style_transfer.caffe_model.loader import check_caffemodel
 from style_transfer.caffe_model.reader import read_caffemodel, read_prototxt
 from style_transfer.caffe_model.registry import BVLC_LICENCE, ModelInfo, get_model
 from style_transfer.errors import ModelError, StyleTransferError
+from style_transfer.util import reason
 
 try:
     import pooch
@@ -196,7 +197,7 @@ def _file_hash(path: Path, algorithm: str) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     except OSError as exc:
-        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ModelError(f"cannot read {path}: {reason(exc)}") from None
     return digest.hexdigest()
 
 
@@ -308,7 +309,7 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
         if not os.access(final.parent, os.W_OK):
             raise PermissionError(13, "Permission denied", str(final.parent))
     except OSError as exc:
-        raise ModelError(f"cannot write the {info.name} weights into {final.parent}: {exc.strerror or exc}; choose "
+        raise ModelError(f"cannot write the {info.name} weights into {final.parent}: {reason(exc)}; choose "
                          f"another folder with --models-dir DIR or {registry.MODELS_DIR_ENV}=DIR") from None
     if force:
         part.unlink(missing_ok=True)
@@ -395,7 +396,7 @@ class _ResumingDownloader:
                     self._fetch(url, fh)
             except OSError as exc:
                 raise ModelError(f"cannot fetch the {self.info.name} weights: {exc.filename or self.part}: "
-                                 f"{exc.strerror or exc}") from None
+                                 f"{reason(exc)}") from None
             if self.info.sha1 is None:
                 try:
                     _check_layers(self.info, self.part)
@@ -433,12 +434,12 @@ class _ResumingDownloader:
                 got = _size(fh)
                 if got > start and resumes < _RESUME_ATTEMPTS:
                     resumes += 1
-                    self.say(f"{_reason(exc)}; resuming")
+                    self.say(f"{_fetch_failure(exc)}; resuming")
                     continue
                 kept = f"; the {_size_text(got)} received are kept in {self.part} and the same command resumes" \
                     if got else ""
-                raise ModelError(f"cannot download the {self.info.name} weights from {url}: {_reason(exc)}{kept}. "
-                                 f"{mirror_hint(self.info)}") from None
+                raise ModelError(f"cannot download the {self.info.name} weights from {url}: "
+                                 f"{_fetch_failure(exc)}{kept}. {mirror_hint(self.info)}") from None
 
     def _stream(self, url: str, fh: IO[bytes]) -> None:
         offset = _size(fh)
@@ -521,8 +522,8 @@ def _content_length(resp: Any) -> int | None:
         return None
 
 
-def _reason(exc: BaseException) -> str:
-    """A short, user-level account of why a fetch failed."""
+def _fetch_failure(exc: BaseException) -> str:
+    """A short, user-level account of why a fetch failed (util.reason would give urllib3's nested reprs)."""
     if isinstance(exc, _Incomplete):
         return str(exc)
     if isinstance(exc, requests.HTTPError) and exc.response is not None:

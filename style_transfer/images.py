@@ -25,6 +25,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from style_transfer.errors import ImageError
+from style_transfer.util import one_line, reason
 
 # Pillow can be built without LittleCMS; colour profiles are then ignored with a notice.
 try:
@@ -206,7 +207,7 @@ def load_image(
     except PermissionError:
         raise ImageError(f"cannot read {label}: permission denied") from None
     except OSError as exc:
-        raise ImageError(f"cannot read {label}: {_describe(exc)}") from None
+        raise ImageError(f"cannot read {label}: {reason(exc)}") from None
 
     with fp:
         if _is_empty_regular_file(fp):
@@ -291,7 +292,7 @@ def _pillow_guard(label: str, notes: list[str]) -> Iterator[None]:
         if issubclass(caught_warning.category, UserWarning):
             # Printed as warnings, Pillow's remarks on corrupt EXIF and the like come
             # with a source line and read like a crash; as notices they read as advice.
-            notes.append(f"{label}: {_one_line(str(caught_warning.message))}")
+            notes.append(f"{label}: {one_line(str(caught_warning.message))}")
         else:
             warnings.warn_explicit(
                 caught_warning.message,
@@ -360,7 +361,7 @@ def _to_srgb(image: Image.Image, label: str, notes: list[str]) -> Image.Image:
         # Typically an RGB profile inside a CMYK or grey file, or a damaged profile;
         # uncorrected colours are still far better than refusing the image.
         notes.append(
-            f"{label}: embedded colour profile could not be applied ({_describe(exc)}); colours may be slightly off"
+            f"{label}: embedded colour profile could not be applied ({reason(exc)}); colours may be slightly off"
         )
         return image
     if converted is None:  # only happens with inPlace=True, which is not used
@@ -430,7 +431,7 @@ def _bomb_message(label: str, size: tuple[int, int] | None, max_pixels: int | No
 
 
 def _decode_failure_message(label: str, exc: BaseException) -> str:
-    detail = _describe(exc)
+    detail = reason(exc)
     if "truncated" in detail.lower():
         return f"{label} is truncated: the image data ends early (an incomplete download or copy?)"
     return f"{label} is damaged or unsupported and could not be decoded: {detail}"
@@ -455,11 +456,11 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ImageError(f"cannot create the folder {folder} for {target}: {_describe(exc)}") from None
+        raise ImageError(f"cannot create the folder {folder} for {target}: {reason(exc)}") from None
     try:
         handle, scratch = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=folder)
     except OSError as exc:
-        raise ImageError(f"cannot write to the folder {folder}: {_describe(exc)}") from None
+        raise ImageError(f"cannot write to the folder {folder}: {reason(exc)}") from None
     os.close(handle)
     with contextlib.suppress(OSError):
         os.unlink(scratch)
@@ -489,7 +490,7 @@ def save_image(path: str | os.PathLike[str], image: npt.NDArray[Any], *, quality
     except FileNotFoundError:
         raise ImageError(f"cannot write {target}: the folder {folder} does not exist") from None
     except OSError as exc:
-        raise ImageError(f"cannot write {target}: {_describe(exc)}") from None
+        raise ImageError(f"cannot write {target}: {reason(exc)}") from None
     try:
         with os.fdopen(handle, "wb") as out:
             picture.save(out, format=image_format, **options)
@@ -504,7 +505,7 @@ def save_image(path: str | os.PathLike[str], image: npt.NDArray[Any], *, quality
         with contextlib.suppress(OSError):
             os.unlink(temp_name)
         if isinstance(exc, (OSError, ValueError)):
-            raise ImageError(f"cannot write {target}: {_describe(exc)}") from exc
+            raise ImageError(f"cannot write {target}: {reason(exc)}") from exc
         raise
 
 
@@ -534,7 +535,7 @@ def _probe_encoder(target: Path, image_format: str) -> None:
         Image.new("RGB", (MIN_SIDE, MIN_SIDE)).save(io.BytesIO(), format=image_format)
     except (OSError, ValueError, KeyError) as exc:
         raise ImageError(
-            f"cannot save {target}: this installation of Pillow cannot write {image_format} ({_describe(exc)})"
+            f"cannot save {target}: this installation of Pillow cannot write {image_format} ({reason(exc)})"
         ) from None
 
 
@@ -551,14 +552,3 @@ def _new_file_mode() -> int:
 def _require_rgb(image: npt.NDArray[Any], caller: str) -> None:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{caller} expects an HxWx3 RGB array, got shape {image.shape}")
-
-
-def _describe(exc: BaseException) -> str:
-    # strerror leaves out the file name, which the callers put where it reads best.
-    if isinstance(exc, OSError) and exc.strerror:
-        return _one_line(exc.strerror)
-    return _one_line(str(exc) or type(exc).__name__)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

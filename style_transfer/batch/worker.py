@@ -18,7 +18,7 @@ import numpy as np
 from style_transfer import images
 from style_transfer.errors import ImageError, StyleTransferError
 from style_transfer.options import values_for
-from style_transfer.util import one_line
+from style_transfer.util import one_line, reason
 
 if TYPE_CHECKING:
     from style_transfer.transfer import StyleTransfer
@@ -83,7 +83,7 @@ def read_input(path: Path) -> InputFile:
     except PermissionError:
         raise ImageError(f"cannot read {path}: permission denied") from None
     except OSError as exc:
-        raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ImageError(f"cannot read {path}: {reason(exc)}") from None
     return InputFile(str(path), data)
 
 

@@ -41,6 +41,7 @@ from style_transfer.caffe_model.net import Net, infer_shapes
 from style_transfer.engines.base import Engine, Evaluation, Evaluator
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import Objective, content_loss_numpy, style_loss_numpy, tv_loss_numpy
+from style_transfer.util import one_line
 
 INSTALL_HINT = "run scripts/install_caffe.sh (e.g. PYTHON=.venv/bin/python bash scripts/install_caffe.sh)"
 REBUILD_HINT = "rebuild it with scripts/install_caffe.sh --rebuild"
@@ -64,19 +65,15 @@ def import_caffe(verbose: bool = False) -> Any:
         return importlib.import_module("caffe")
     except ModuleNotFoundError as exc:
         if exc.name not in (None, "caffe"):
-            raise EngineError(f"pycaffe cannot be imported: {_one_line(exc)}; {INSTALL_HINT}") from None
+            raise EngineError(f"pycaffe cannot be imported: {one_line(exc)}; {INSTALL_HINT}") from None
         raise EngineError(f"pycaffe is not installed: {INSTALL_HINT}") from None
     except ImportError as exc:
         if "halted; None in sys.modules" in str(exc):
             raise EngineError(f"pycaffe is not installed: {INSTALL_HINT}") from None
-        raise EngineError(f"pycaffe cannot be imported: {_one_line(exc)}; {REBUILD_HINT}") from None
+        raise EngineError(f"pycaffe cannot be imported: {one_line(exc)}; {REBUILD_HINT}") from None
     except Exception as exc:  # a broken build fails in many ways (NumPy ABI, protobuf version, ...)
-        raise EngineError(f"pycaffe cannot be imported ({type(exc).__name__}: {_one_line(exc)}); "
+        raise EngineError(f"pycaffe cannot be imported ({type(exc).__name__}: {one_line(exc)}); "
                           f"{REBUILD_HINT}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def caffe_is_cpu_only(caffe: Any) -> bool:
