@@ -4,16 +4,17 @@ Why the code is shaped as it is (each choice is a `Tuning` switch, measured in B
 forward pass and an input-gradient backward pass, nearly all of it convolution, so the aim is to spend as little
 time as the convolutions allow, and nothing elsewhere.
 
-- Winograd convolutions (NNPACK, CPU float32) for 3 x 3 stride-1 layers on feature maps of at least 1024 positions:
-  they need about a third of direct convolution's multiplications. Used when such layers carry most of a net's work
-  (VGG) and the net has no max pooling; the activations are then NCHW, as NNPACK requires.
+- Winograd convolutions (NNPACK, CPU float32) for 3 x 3 stride-1 layers on feature maps large enough to repay
+  NNPACK's per-call kernel transform: they need several times fewer multiplications than direct convolution. Used
+  when such layers carry most of a net's work (VGG) and the net has no max pooling; the activations are then NCHW,
+  as NNPACK requires.
 - Otherwise activations are channels-last on the CPU: oneDNN's direct convolutions run at sgemm speed on NHWC and
   well below it on NCHW, especially for the wide, shallow early layers.
 - The style and content terms are differentiated by hand (losses.terms_and_feature_grads) and the gradients are
   injected into autograd at the feature blobs: one matrix product per style layer instead of autograd's two, and no
   graph through the Gram matrices.
 - Freed activations are kept by the C allocator instead of being returned to the kernel (glibc only): otherwise each
-  evaluation maps hundreds of megabytes afresh and pays a page fault per 4 KiB.
+  evaluation maps its activations afresh and pays a page fault per page.
 - ReLUs run in place (a convolution's input gradient needs its weights, not its output): less memory.
 - Across-channel LRN is a 1 x 1 convolution with a banded matrix instead of torch's 5-D pooling.
 - On CUDA: cuDNN autotuning, TF32 convolutions, and opt-in bf16/fp16 autocast with float32 Gram matrices.
@@ -203,8 +204,6 @@ class TorchEngine(Engine):
             _use_physical_cores()
         if cpu and self.tuning.keep_freed_memory:
             _keep_freed_memory()
-        # Winograd convolutions (NNPACK, float32 on the CPU, NCHW only) do about a third of the multiplications of
-        # direct ones for 3 x 3 kernels; they are used where they apply when they carry most of the net's work.
         wino_layers: set[str] = set()
         plain_fp32_cpu = cpu and dtype == torch.float32 and precision == "fp32"
         override = None if pooling == "file" else pooling
@@ -212,7 +211,7 @@ class TorchEngine(Engine):
             wino_layers = _winograd_layers(net, override, forced=bool(self.tuning.winograd))
         cl = self.tuning.channels_last
         if cl is None:
-            # On the CPU oneDNN's float32 kernels want NHWC (measured); on CUDA NHWC pays off with tensor cores,
+            # On the CPU oneDNN's float32 kernels want NHWC (BENCHMARKS.md); on CUDA NHWC pays off with tensor cores,
             # which the half precisions use. float64 has no oneDNN kernels, so it stays in the plain layout.
             cl = dtype == torch.float32 and (cpu or precision != "fp32") and not wino_layers
         if cl:
@@ -238,7 +237,7 @@ class TorchEngine(Engine):
             if self.torch_device.type == "cuda":
                 # TF32 (float32's range, a 10-bit mantissa) is PyTorch's default for cuDNN convolutions and is made
                 # explicit here; the Gram matrices are plain matmuls, for which PyTorch keeps TF32 off, so they stay
-                # in full float32. Not measured on a GPU (none was available); parity with float32 is unverified.
+                # in full float32. Speed and parity with float32 on a GPU: BENCHMARKS.md.
                 stack.enter_context(_cudnn_settings(benchmark=True, allow_tf32=True))
             yield
 
@@ -345,8 +344,8 @@ def _across_channels_lrn(size: int, alpha: float, beta: float, k: float) -> Run:
     """Caffe's ACROSS_CHANNELS LRN, x / (k + alpha / size * sum of x^2 over `size` neighbouring channels)^beta.
 
     The window sum is a 1 x 1 convolution with a banded 0/1 matrix: a small matrix product that runs at full speed
-    in either memory layout, where torch's local_response_norm goes through a 5-D average pooling that took 40% of
-    a GoogLeNet evaluation.
+    in either memory layout, where torch's local_response_norm goes through a 5-D average pooling that took a large
+    share of a GoogLeNet evaluation (BENCHMARKS.md).
     """
     bands: dict[tuple[int, torch.dtype, torch.device, bool], torch.Tensor] = {}
     half = (size - 1) // 2
@@ -389,8 +388,7 @@ def _last_needed(ops: list[_Op], wanted: set[str]) -> int:
 
 
 # NNPACK transforms the whole kernel (C_in x C_out x 8 x 8) on every call, a cost that does not shrink with the
-# image: on small feature maps direct convolution wins. Forward plus backward break even between 768 (512 channels)
-# and 1280 (64 channels) positions on this AVX2 CPU; at 3072 Winograd takes half the time.
+# image: on small feature maps direct convolution wins (the break-even sizes are in BENCHMARKS.md).
 _WINOGRAD_MIN_PIXELS = 1024
 
 
@@ -418,11 +416,11 @@ def _winograd_layers(net: Net, pooling: str | None, forced: bool = False) -> set
     """The convolutions NNPACK's Winograd path serves (3 x 3, stride and dilation 1, one group), if they carry at
     least three quarters of the net's convolution work; otherwise none. The rest of such a net runs in NCHW, where
     oneDNN's direct convolutions are slower than in NHWC, so a net needs most of its work in Winograd layers to
-    gain: VGG (all of it) does, GoogLeNet (62%, mostly at small sizes) measured even, CaffeNet (23%) does not.
+    gain: VGG (all of it) does, GoogLeNet and CaffeNet do not (BENCHMARKS.md).
 
     Unless `forced`, nets with max pooling keep direct convolutions: their gradient follows each window's argmax,
-    and Winograd's rounding (about 1e-6 of a feature's norm, ten times direct convolution's) moves near-ties often
-    enough to put the gradient 0.6% (norm) away from Caffe's on random-weight VGG16, against 0.1% allowed.
+    and Winograd's larger rounding error moves near-ties often enough to put the gradient outside the parity
+    tolerance with Caffe's on VGG16 (BENCHMARKS.md).
     """
     if not forced and any(pool_geometry(layer, pooling).method == "max" for layer in net.layers
                           if layer.type == "Pooling"):
@@ -501,8 +499,8 @@ def _keep_freed_memory() -> None:
     """Make glibc keep freed blocks for reuse instead of unmapping them (process-wide, once).
 
     Activations of a few tens of megabytes are above glibc's mmap threshold, so each evaluation would map them
-    anew and fault in every page (about 0.2 s of kernel time per 512-px VGG19 evaluation); from the second
-    evaluation on, the same sizes are reused from the heap. The cost is a heap that does not shrink.
+    anew and fault in every page, in kernel time (BENCHMARKS.md); from the second evaluation on, the same sizes are
+    reused from the heap. The cost is a heap that does not shrink.
     """
     if "malloc" in _tuned:
         return
