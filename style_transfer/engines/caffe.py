@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from google.protobuf import text_format
 
 from style_transfer.caffe_model import caffe_schema_pb2 as pb
@@ -40,7 +41,7 @@ from style_transfer.caffe_model.layers import (
 from style_transfer.caffe_model.net import Net, infer_shapes
 from style_transfer.engines.base import Engine, Evaluation, Evaluator
 from style_transfer.errors import EngineError, ModelError
-from style_transfer.losses import Objective, content_loss_numpy, style_loss_numpy, tv_loss_numpy
+from style_transfer.losses import Objective, TorchTargets, terms_and_feature_grads, tv_loss_torch
 from style_transfer.util import one_line
 
 INSTALL_HINT = "run scripts/install_caffe.sh (e.g. PYTHON=.venv/bin/python bash scripts/install_caffe.sh)"
@@ -482,74 +483,56 @@ class CaffeEngine(Engine):
 
 
 class CaffeEvaluator(Evaluator):
-    """An objective on the Caffe engine, with its targets as float32 arrays; the net and its blobs are the engine's,
-    and each evaluation writes every blob it reads before reading it."""
+    """An objective on the Caffe engine: Caffe runs the net, losses.py gives the terms and their feature gradients
+    (the torch engine's functions, reading Caffe's blobs without a copy), and Caffe's backward takes those to the
+    input. The net and its blobs are the engine's; each evaluation writes every blob it reads before reading it."""
 
     def __init__(self, engine: CaffeEngine, objective: Objective) -> None:
         self.engine = engine
         self.objective = objective
-        self._content = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in objective.content_targets.items()}
-        self._style = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in objective.style_targets.items()}
-        self._blend = np.asarray(objective.style_blend, dtype=np.float64)
+        self.targets = TorchTargets.of(objective, lambda a: torch.from_numpy(np.array(a, dtype=np.float32)),
+                                       torch.contiguous_format)
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
         engine, obj = self.engine, self.objective
         cnet = engine._net_for(image)
         assert engine._topology is not None
-        if not obj.layers:
-            return self._finish(image, np.zeros(image.shape, np.float32), {})
-        names = engine._topology.layer_names
-        plan = engine._plan(tuple(obj.layers))
-        cnet.forward(end=names[plan.end])
-
         terms: dict[str, float] = {}
-        injected: dict[str, np.ndarray] = {}
-
-        def inject(blob: str, grad: np.ndarray) -> None:
-            injected[blob] = injected[blob] + grad if blob in injected else grad
-
-        for layer, w in obj.style_weights.items():
-            loss, grad = style_loss_numpy(cnet.blobs[layer].data[0], self._style[layer], self._blend)
-            terms[f"style:{layer}"] = obj.ratio * w * loss
-            inject(layer, np.float32(obj.ratio * w) * grad)
-        for layer, w in obj.content_weights.items():
-            loss, grad = content_loss_numpy(cnet.blobs[layer].data[0], self._content[layer])
-            terms[f"content:{layer}"] = w * loss
-            inject(layer, np.float32(w) * grad)
-
-        # Caffe's backward overwrites each bottom diff, so a diff is fresh only if a layer in use reads the blob;
-        # the others still hold the last evaluation's values and must not leak into this one.
-        for blob in plan.dangling:
-            cnet.blobs[blob].diff[...] = 0
-        # Backward in segments, deepest loss blob first. A segment ends just above the layer that last wrote the
-        # next loss blob, so that blob's diff then holds what flows back from the deeper layers (written by its
-        # reader's backward, or by the Split Caffe inserts when it has several), and the loss gradient is added to
-        # it (or replaces it, when no layer in use reads the blob). The next segment starts AT that last writer:
-        # for conv4_2 that is relu4_2, whose in-place output is the feature the loss sees, so Caffe's own ReLU
-        # backward masks the injected gradient (the original masked it by hand, grad * (F > 0), and started at the
-        # convolution; the result is the same).
-        current = plan.end
-        for index, blobs in plan.groups:
-            if current > index:
-                cnet.backward(start=names[current], end=names[index + 1])
-            for blob in blobs:
-                diff = cnet.blobs[blob].diff[0]
-                if plan.accumulate[blob]:
-                    diff += injected[blob]
-                else:
-                    diff[...] = injected[blob]
-            current = index
-        cnet.backward(start=names[current], end=names[0])
-        return self._finish(image, np.array(engine._input_blob().diff[0], dtype=np.float32), terms)
-
-    def _finish(self, image: np.ndarray, grad: np.ndarray, terms: dict[str, float]) -> Evaluation:
-        obj = self.objective
-        style = float(sum(v for k, v in terms.items() if k.startswith("style:")))
-        content = float(sum(v for k, v in terms.items() if k.startswith("content:")))
+        grad = np.zeros(image.shape, np.float32)
+        if obj.layers:
+            names = engine._topology.layer_names
+            plan = engine._plan(tuple(obj.layers))
+            cnet.forward(end=names[plan.end])
+            feats = {b: torch.from_numpy(cnet.blobs[b].data) for b in obj.layers}
+            terms, injected = terms_and_feature_grads(obj, self.targets, feats, torch.float32)
+            # Caffe's backward overwrites each bottom diff, so a diff is fresh only if a layer in use reads the blob;
+            # the others still hold the last evaluation's values and must not leak into this one.
+            for blob in plan.dangling:
+                cnet.blobs[blob].diff[...] = 0
+            # Backward in segments, deepest loss blob first. A segment ends just above the layer that last wrote the
+            # next loss blob, so that blob's diff then holds what flows back from the deeper layers (written by its
+            # reader's backward, or by the Split Caffe inserts when it has several), and the loss gradient is added
+            # to it (or replaces it, when no layer in use reads the blob). The next segment starts AT that last
+            # writer: for conv4_2 that is relu4_2, whose in-place output is the feature the loss sees, so Caffe's own
+            # ReLU backward masks the injected gradient (the original masked it by hand, grad * (F > 0), and started
+            # at the convolution; the result is the same).
+            current = plan.end
+            for index, blobs in plan.groups:
+                if current > index:
+                    cnet.backward(start=names[current], end=names[index + 1])
+                for blob in blobs:
+                    diff = cnet.blobs[blob].diff
+                    if plan.accumulate[blob]:
+                        diff += injected[blob].numpy()
+                    else:
+                        diff[...] = injected[blob].numpy()
+                current = index
+            cnet.backward(start=names[current], end=names[0])
+            grad = np.array(engine._input_blob().diff[0], dtype=np.float32)
         tv = 0.0
         if obj.tv_weight:
-            tv_value, tv_grad = tv_loss_numpy(np.asarray(image, dtype=np.float32))
-            tv = obj.tv_weight * tv_value
-            grad += np.float32(obj.tv_weight) * tv_grad
-        return Evaluation(loss=style + content + tv, grad=grad, style_loss=style, content_loss=content, tv_loss=tv,
-                          layers={k: float(v) for k, v in terms.items()})
+            x = torch.tensor(image, dtype=torch.float32, requires_grad=True)
+            tv_term = obj.tv_weight * tv_loss_torch(x)
+            grad += torch.autograd.grad(tv_term, x)[0].numpy()
+            tv = float(tv_term.detach())
+        return Evaluation.of(terms, tv, grad)

@@ -295,7 +295,8 @@ class TorchEvaluator(Evaluator):
         for attempt in range(4):
             with engine._running():
                 feats = engine._forward(engine._input(x), obj.layers)
-            terms, roots, grads = terms_and_feature_grads(obj, self.targets, feats, engine.dtype)
+            terms, feature_grads = terms_and_feature_grads(obj, self.targets, feats, engine.dtype)
+            roots, grads = [feats[b] for b in feature_grads], list(feature_grads.values())
             del feats
             tv = torch.zeros((), dtype=engine.dtype, device=x.device)
             if obj.tv_weight:
@@ -314,11 +315,7 @@ class TorchEvaluator(Evaluator):
             scale /= 256.0
         if scale != 1.0:
             grad = grad / scale
-        style = sum((v for k, v in terms.items() if k.startswith("style:")), 0.0)
-        content = sum((v for k, v in terms.items() if k.startswith("content:")), 0.0)
-        tv_value = float(tv.detach())
-        return Evaluation(loss=style + content + tv_value, grad=_numpy(grad, engine.dtype), style_loss=style,
-                          content_loss=content, tv_loss=tv_value, layers=terms)
+        return Evaluation.of(terms, float(tv.detach()), _numpy(grad, engine.dtype))
 
     def _evaluate_autograd(self, image: np.ndarray) -> Evaluation:
         """The plain formulation: the losses as torch expressions, everything differentiated by autograd."""
@@ -328,16 +325,10 @@ class TorchEvaluator(Evaluator):
         with engine._running():
             feats = {k: v[0] for k, v in engine._forward(engine._input(x), obj.layers).items()}
         terms = weighted_terms_torch(obj, self.targets, feats, engine.dtype)
-        zero = torch.zeros((), dtype=engine.dtype, device=x.device)
-        style = sum((v for k, v in terms.items() if k.startswith("style:")), zero)
-        content = sum((v for k, v in terms.items() if k.startswith("content:")), zero)
-        tv = obj.tv_weight * tv_loss_torch(x) if obj.tv_weight else zero
-        total = style + content + tv
-        (grad,) = torch.autograd.grad(total, x)
+        tv = obj.tv_weight * tv_loss_torch(x) if obj.tv_weight else torch.zeros((), dtype=engine.dtype, device=x.device)
+        (grad,) = torch.autograd.grad(sum(terms.values(), tv), x)
         values = {k: float(v.detach()) for k, v in terms.items()}
-        return Evaluation(loss=float(total.detach()), grad=_numpy(grad, engine.dtype),
-                          style_loss=float(style.detach()), content_loss=float(content.detach()),
-                          tv_loss=float(tv.detach()), layers=values)
+        return Evaluation.of(values, float(tv.detach()), _numpy(grad, engine.dtype))
 
 
 def _across_channels_lrn(size: int, alpha: float, beta: float, k: float) -> Run:
