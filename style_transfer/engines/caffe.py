@@ -33,11 +33,12 @@ from style_transfer.caffe_model.layers import (
     LAYER_TYPES,
     RUNNABLE,
     Layer,
-    arity_problem,
     concat_axis,
     conv_geometry,
+    lrn_size,
     pool_geometry,
 )
+from style_transfer.caffe_model.loader import check_input_shape
 from style_transfer.caffe_model.net import Net, infer_shapes
 from style_transfer.engines.base import Engine, Evaluation, Evaluator
 from style_transfer.errors import EngineError, ModelError
@@ -142,7 +143,9 @@ def create_caffe_engine(net: Net, pooling: str, gpu: int, verbose: bool = False)
 
 
 def check_net(net: Net) -> None:
-    """Reject, before Caffe sees it, anything Caffe would abort on or compute differently from the torch engine."""
+    """Reject, before Caffe sees it, anything Caffe would abort on or compute differently from the torch engine: what
+    shape inference checks (blob counts and parameters of each layer type, by the layer table), and Caffe's own rules
+    for layer names and for writing blobs."""
     layer_names = {layer.name for layer in net.layers}
     if len(layer_names) != len(net.layers):
         raise ModelError("two layers of the net have the same name")
@@ -152,11 +155,8 @@ def check_net(net: Net) -> None:
         if layer.type not in RUNNABLE:
             raise ModelError(f"{where}: the Caffe engine cannot run this layer type (supported: "
                              f"{', '.join(sorted(RUNNABLE))})")
-        if not layer.name or not layer.tops:
-            raise ModelError(f"{where}: a layer needs a name and an output blob")
-        problem = arity_problem(layer)
-        if problem:
-            raise ModelError(f"{where}: {problem}")
+        if not layer.name:
+            raise ModelError(f"{where}: a layer needs a name")
         for index, top in enumerate(layer.tops):
             in_place = index < len(layer.bottoms) and layer.bottoms[index] == top
             if in_place and not LAYER_TYPES[layer.type].in_place:
@@ -169,18 +169,7 @@ def check_net(net: Net) -> None:
         if len(set(layer.tops)) != len(layer.tops):
             raise ModelError(f"{where}: the same output blob is named twice")
         produced.update(layer.tops)
-        if layer.type == "Convolution":
-            g = conv_geometry(layer)
-            if g.num_output < 1:
-                raise ModelError(f"{where}: num_output must be positive")
-        elif layer.type == "Pooling":
-            pool_geometry(layer)
-        elif layer.type == "LRN":
-            size = int(layer.params.local_size) if layer.params is not None else 5
-            if size % 2 == 0 or size < 1:
-                raise ModelError(f"layer {layer.name!r}: LRN local_size must be odd, got {size}")
-        elif layer.type == "Concat":
-            concat_axis(layer)
+    infer_shapes(net, check_input_shape(net))
 
 
 def check_size(net: Net, height: int, width: int, pooling: str | None) -> dict[str, tuple[int, ...]]:
@@ -201,7 +190,7 @@ def check_size(net: Net, height: int, width: int, pooling: str | None) -> dict[s
                                   f"needs an im2col buffer of {buffer} elements, more than 2^31-1")
         elif layer.type == "LRN":
             _, c, h, w = shapes[layer.bottoms[0]]
-            if (c + int(layer.params.local_size)) * h * w > _INT_MAX:
+            if (c + lrn_size(layer)) * h * w > _INT_MAX:
                 raise EngineError(f"the image ({width}x{height}) is too large for Caffe's LRN layer "
                                   f"{layer.name!r}")
     return shapes

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, pool_geometry
+from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, lrn_size, pool_geometry
 from style_transfer.caffe_model.net import Net
 from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator
 from style_transfer.errors import EngineError, ModelError
@@ -154,9 +154,7 @@ def _pooling(op: _Op) -> Run:
 
 def _lrn(op: _Op) -> Run:
     lp = op.layer.params
-    size, alpha, beta, k = int(lp.local_size), float(lp.alpha), float(lp.beta), float(lp.k)
-    if size % 2 == 0:
-        raise ModelError(f"layer {op.layer.name!r}: LRN local_size must be odd, got {size}")
+    size, alpha, beta, k = lrn_size(op.layer), float(lp.alpha), float(lp.beta), float(lp.k)
     if lp.norm_region == 0:
         return _across_channels_lrn(size, alpha, beta, k)
 
