@@ -182,6 +182,7 @@ def load_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = (255, 255, 255),
     notices: list[str] | None = None,
+    data: bytes | None = None,
 ) -> FloatArray:
     """Read an image file as an RGB float32 array HxWx3 in [0, 1].
 
@@ -189,7 +190,8 @@ def load_image(
     converted to sRGB, EXIF rotation is applied and only the first frame of an animation
     is used.  What the user may want to know about (dropped frames, an unusable profile,
     Pillow's warnings) is appended to ``notices``.  Every failure is an
-    :class:`ImageError` with a one-line message naming the file.
+    :class:`ImageError` with a one-line message naming the file.  ``data``, when given,
+    is the file's content read elsewhere (see :func:`read_file`); ``path`` then only names it.
     """
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
@@ -198,19 +200,14 @@ def load_image(
     label = os.fspath(path)
     collected: list[str] = []
 
-    try:
-        fp = open(path, "rb")  # noqa: SIM115 - closed by the with-block right below
-    except FileNotFoundError:
-        raise ImageError(f"image not found: {label}") from None
-    except IsADirectoryError:
-        raise ImageError(f"{label} is a folder, not an image file") from None
-    except PermissionError:
-        raise ImageError(f"cannot read {label}: permission denied") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read {label}: {reason(exc)}") from None
+    if data is not None:
+        fp: IO[bytes] = io.BytesIO(data)
+    else:
+        with _reading(label):
+            fp = open(path, "rb")  # noqa: SIM115 - closed by the with-block right below
 
     with fp:
-        if _is_empty_regular_file(fp):
+        if _is_empty(fp):
             raise ImageError(f"{label} is empty (0 bytes)")
         with _pillow_guard(label, collected):
             try:
@@ -233,6 +230,27 @@ def load_image(
     if notices is not None:
         notices.extend(collected)
     return image
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """An image file's bytes, with the errors :func:`load_image` gives (a batch reads its inputs in the parent
+    process, so that workers on other hosts need not see the files)."""
+    with _reading(os.fspath(path)):
+        return Path(path).read_bytes()
+
+
+@contextlib.contextmanager
+def _reading(label: str) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {label}") from None
+    except IsADirectoryError:
+        raise ImageError(f"{label} is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageError(f"cannot read {label}: permission denied") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read {label}: {reason(exc)}") from None
 
 
 def _decode(
@@ -411,7 +429,9 @@ def _stretch(values: npt.NDArray[np.float64]) -> FloatArray:
     return ((values - low) / (high - low)).astype(np.float32)
 
 
-def _is_empty_regular_file(fp: IO[bytes]) -> bool:
+def _is_empty(fp: IO[bytes]) -> bool:
+    if isinstance(fp, io.BytesIO):
+        return not fp.getbuffer().nbytes
     # Pipes and character devices report size 0 and may still carry an image.
     info = os.fstat(fp.fileno())
     return stat.S_ISREG(info.st_mode) and info.st_size == 0
