@@ -108,10 +108,7 @@ def resolve_source(info: ModelInfo, url: str | None = None) -> str:
     """The URL or local path the weights of `info` come from: `url`, else its environment variable, else the
     registry; a folder (a URL ending in "/", or a local folder) gets the weights file's name appended."""
     source = url or os.environ.get(url_env_var(info.name)) or info.url
-    local = _local_path(source)
-    if source.endswith("/") or (local is not None and local.is_dir()):
-        source = source.rstrip("/") + "/" + info.weights_file
-    return source
+    return source.rstrip("/") + "/" + info.weights_file if _is_folder(source) else source
 
 
 def sidecar_path(weights: Path) -> Path:

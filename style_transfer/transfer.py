@@ -34,10 +34,9 @@ def scale_plan(length: int, scales: int, min_length: int | None, iterations: int
 
     Sizes grow geometrically from `min_length` (default: half of `length` per step down, at least 64 px) to
     `length`. Iterations are split in proportion to 1/size: a coarse iteration costs a fraction of a fine one and
-    moves the image further, so coarse scales get more of them. `scales == 1` is the original single-scale run.
+    moves the image further, so coarse scales get more of them. `scales == 1` is the original single-scale run
+    (options.py has checked that `scales` is at least 1).
     """
-    if scales < 1:
-        raise StyleTransferError(f"--scales must be at least 1, got {scales}")
     if scales == 1:
         if min_length is not None:
             raise StyleTransferError("--min-length sets the smallest of several --scales; give --scales 2 or more")
