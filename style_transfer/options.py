@@ -133,10 +133,6 @@ def _flag(value: Any, label: str) -> bool:
     raise StyleTransferError(f"{label} must be yes or no (1/0, true/false), got {value!r}")
 
 
-def _seed(value: Any, label: str) -> int:
-    return whole(None)(value, label)
-
-
 INIT_WORDS = ("content", "mixed")
 
 
@@ -252,7 +248,8 @@ OPTIONS: tuple[Option, ...] = (
            _one_of("avg", "max"), scope="model", choices=("avg", "max")),
     Option("style_scale", ("--style-scale",), "style image long side as a multiple of --length", 1.2,
            number(0.0, strict=True)),
-    Option("seed", ("--seed",), "random seed for noise initialisation (default: drawn, and reported)", None, _seed),
+    Option("seed", ("--seed",), "random seed for noise initialisation (default: drawn, and reported)", None,
+           whole(None)),
     Option("engine", ("--engine",), "network engine", "torch", _one_of(*ENGINES), scope="model", choices=ENGINES),
     Option("precision", ("--precision",), "torch engine arithmetic: fp32, or bf16/fp16 autocast (Gram matrices in "
            "fp32); bf16 is faster on CPUs with AVX512-BF16/AMX and on recent GPUs, fp16 on GPUs only", "fp32",

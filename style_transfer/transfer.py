@@ -177,12 +177,8 @@ class Stylization:
     def _report(self, x: np.ndarray, evaluation: Evaluation | None, iterations: int, seconds: float,
                 stop_reason: str) -> dict[str, Any]:
         st = self.transfer
-        scores: dict[str, Any] = {"loss": None, "style_loss": None, "content_loss": None, "tv_loss": None,
-                                  "layers": None}
-        if evaluation is not None:
-            scores = {"loss": evaluation.loss, "style_loss": evaluation.style_loss,
-                      "content_loss": evaluation.content_loss, "tv_loss": evaluation.tv_loss,
-                      "layers": evaluation.layers}
+        # Without an evaluation (a second Ctrl-C cut it) every score is None.
+        scores = {k: getattr(evaluation, k, None) for k in ("loss", "style_loss", "content_loss", "tv_loss", "layers")}
         return {
             "engine": st.options["engine"],
             "model": st.model,
