@@ -13,8 +13,8 @@ time as the convolutions allow, and nothing elsewhere.
 - The style and content terms are differentiated by hand (losses.terms_and_feature_grads) and the gradients are
   injected into autograd at the feature blobs: one matrix product per style layer instead of autograd's two, and no
   graph through the Gram matrices.
-- Freed activations are kept by the C allocator instead of being returned to the kernel (glibc only): otherwise each
-  evaluation maps its activations afresh and pays a page fault per page.
+- Freed activations are kept by the C allocator instead of being returned to the kernel (glibc only, engines/cpu.py):
+  otherwise each evaluation maps its activations afresh and pays a page fault per page.
 - ReLUs run in place (a convolution's input gradient needs its weights, not its output): less memory.
 - Across-channel LRN is a 1 x 1 convolution with a banded matrix instead of torch's 5-D pooling.
 - On CUDA: cuDNN autotuning, TF32 convolutions, and opt-in bf16/fp16 autocast with float32 Gram matrices.
@@ -23,13 +23,8 @@ time as the convolutions allow, and nothing elsewhere.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import os
-import platform
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +34,7 @@ import torch.nn.functional as F
 from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, lrn_size, pool_geometry
 from style_transfer.caffe_model.net import Net
 from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator
+from style_transfer.engines.cpu import keep_freed_memory, use_physical_cores
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import (
     Objective,
@@ -199,9 +195,9 @@ class TorchEngine(Engine):
         self.tuning = tuning or Tuning()
         cpu = self.torch_device.type == "cpu"
         if cpu and self.tuning.physical_core_threads:
-            _use_physical_cores()
+            use_physical_cores()
         if cpu and self.tuning.keep_freed_memory:
-            _keep_freed_memory()
+            keep_freed_memory()
         wino_layers: set[str] = set()
         plain_fp32_cpu = cpu and dtype == torch.float32 and precision == "fp32"
         override = None if pooling == "file" else pooling
@@ -452,54 +448,3 @@ def _cudnn_settings(benchmark: bool, allow_tf32: bool) -> Iterator[None]:
         yield
     finally:
         cudnn.benchmark, cudnn.allow_tf32 = saved
-
-
-_tuned: set[str] = set()
-
-
-def physical_cores() -> int | None:
-    """Physical cores among the CPUs this process may run on (Linux); None where the topology is unknown."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        return None
-    groups = set()
-    for cpu in cpus:
-        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
-        try:
-            groups.add(path.read_text().strip())
-        except OSError:
-            return None
-    return len(groups) or None
-
-
-def _use_physical_cores() -> None:
-    """One intra-op thread per physical core: a second hardware thread on the same core adds contention for the
-    FMA units without adding throughput. An explicit OMP_NUM_THREADS (or torch.set_num_threads) wins."""
-    if "threads" in _tuned or os.environ.get("OMP_NUM_THREADS"):
-        return
-    _tuned.add("threads")
-    cores = physical_cores()
-    if cores and torch.get_num_threads() > cores:
-        torch.set_num_threads(cores)
-
-
-def _keep_freed_memory() -> None:
-    """Make glibc keep freed blocks for reuse instead of unmapping them (process-wide, once).
-
-    Activations of a few tens of megabytes are above glibc's mmap threshold, so each evaluation would map them
-    anew and fault in every page, in kernel time (BENCHMARKS.md); from the second evaluation on, the same sizes are
-    reused from the heap. The cost is a heap that does not shrink.
-    """
-    if "malloc" in _tuned:
-        return
-    _tuned.add("malloc")
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
