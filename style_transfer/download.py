@@ -66,6 +66,8 @@ from typing import IO, Any, NoReturn
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
+import pooch
+import requests
 from tqdm import tqdm
 
 from style_transfer.caffe_model import registry
@@ -74,14 +76,6 @@ from style_transfer.caffe_model.reader import read_caffemodel, read_prototxt
 from style_transfer.caffe_model.registry import BVLC_LICENCE, ModelInfo, get_model
 from style_transfer.errors import ModelError, StyleTransferError
 from style_transfer.util import reason
-
-try:
-    import pooch
-    import requests
-except ImportError as _exc:  # the command turns this into one line that names the fix
-    _MISSING_DEPENDENCY: ImportError | None = _exc
-else:
-    _MISSING_DEPENDENCY = None
 
 try:
     import fcntl
@@ -280,7 +274,6 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
     A file already there is kept if it verifies (unless `force`); a damaged one is deleted and fetched again. `url`
     overrides the source (see the module docstring). `progress` draws a progress bar on a terminal; `quiet` drops
     the informational lines (not the VGG licence notice). Raises ModelError with a one-line message."""
-    _require_dependencies()
     info = get_model(name)
     final = info.weights_path(models_dir)
 
@@ -559,12 +552,6 @@ def _size_text(n: int) -> str:
 def _without_path(message: str, path: Path) -> str:
     # The reader names the .part file; the user knows the file by its URL, which the message already gives.
     return message.replace(f"{path}: ", "")
-
-
-def _require_dependencies() -> None:
-    if _MISSING_DEPENDENCY is not None:
-        raise ModelError(f"downloading needs the packages pooch and requests ({_MISSING_DEPENDENCY}); install them "
-                         "with: pip install -r requirements.txt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
