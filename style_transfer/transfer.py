@@ -235,7 +235,6 @@ class StyleTransfer:
             parse_layer_weights(opts["content_layers"], "--content-layers")
         blobs = list(dict.fromkeys([*self.style_weights, *self.content_weights]))
         self.net = load_net(prototxt_path, weights_path, blobs, opts["pooling"])
-        self.pooling = opts["pooling"]
         self.engine, notice = create_engine(opts["engine"], self.net, opts["pooling"], opts["gpu"], opts["verbose"],
                                             opts["precision"])
         if notice:
