@@ -44,16 +44,13 @@ def check_writable(path: str | os.PathLike[str], what: str) -> Path:
 
 
 def write_json(path: str | os.PathLike[str], data: dict[str, Any], what: str = "the report") -> None:
-    """Write JSON atomically (a reader sees the old file or the whole new one, never half of it), creating its
-    folder."""
+    """Write JSON atomically: a reader sees the old file or the whole new one, never half of it."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
         os.replace(tmp, target)
     except OSError as exc:
         raise StyleTransferError(f"cannot write {what} {target}: {reason(exc)}") from None
     finally:
-        with contextlib.suppress(OSError):  # also when the folder is not one: the error above says why
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
