@@ -20,7 +20,7 @@ from style_transfer.caffe_model.registry import MODELS
 from style_transfer.errors import StyleTransferError
 from style_transfer.openmp import prefer_short_spin
 from style_transfer.options import OPTIONS, HelpFormatter, Parser, add_arguments, defaults, init_kind, values_for
-from style_transfer.util import check_writable, write_json
+from style_transfer.util import check_writable, reason, write_json
 
 ANIMATION_FORMATS = (".gif", ".webp", ".png")
 
@@ -147,7 +147,7 @@ def _save_animation(path: Path, frames: list[np.ndarray]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise StyleTransferError(f"cannot write --animation {path}: {exc.strerror or exc}") from None
+        raise StyleTransferError(f"cannot write --animation {path}: {reason(exc)}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

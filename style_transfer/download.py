@@ -66,6 +66,8 @@ from typing import IO, Any, NoReturn
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
+import pooch
+import requests
 from tqdm import tqdm
 
 from style_transfer.caffe_model import registry
@@ -73,14 +75,7 @@ from style_transfer.caffe_model.loader import check_caffemodel
 from style_transfer.caffe_model.reader import read_caffemodel, read_prototxt
 from style_transfer.caffe_model.registry import BVLC_LICENCE, ModelInfo, get_model
 from style_transfer.errors import ModelError, StyleTransferError
-
-try:
-    import pooch
-    import requests
-except ImportError as _exc:  # the command turns this into one line that names the fix
-    _MISSING_DEPENDENCY: ImportError | None = _exc
-else:
-    _MISSING_DEPENDENCY = None
+from style_transfer.util import reason
 
 try:
     import fcntl
@@ -107,10 +102,7 @@ def resolve_source(info: ModelInfo, url: str | None = None) -> str:
     """The URL or local path the weights of `info` come from: `url`, else its environment variable, else the
     registry; a folder (a URL ending in "/", or a local folder) gets the weights file's name appended."""
     source = url or os.environ.get(url_env_var(info.name)) or info.url
-    local = _local_path(source)
-    if source.endswith("/") or (local is not None and local.is_dir()):
-        source = source.rstrip("/") + "/" + info.weights_file
-    return source
+    return source.rstrip("/") + "/" + info.weights_file if _is_folder(source) else source
 
 
 def sidecar_path(weights: Path) -> Path:
@@ -196,7 +188,7 @@ def _file_hash(path: Path, algorithm: str) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     except OSError as exc:
-        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ModelError(f"cannot read {path}: {reason(exc)}") from None
     return digest.hexdigest()
 
 
@@ -282,7 +274,6 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
     A file already there is kept if it verifies (unless `force`); a damaged one is deleted and fetched again. `url`
     overrides the source (see the module docstring). `progress` draws a progress bar on a terminal; `quiet` drops
     the informational lines (not the VGG licence notice). Raises ModelError with a one-line message."""
-    _require_dependencies()
     info = get_model(name)
     final = info.weights_path(models_dir)
 
@@ -308,7 +299,7 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
         if not os.access(final.parent, os.W_OK):
             raise PermissionError(13, "Permission denied", str(final.parent))
     except OSError as exc:
-        raise ModelError(f"cannot write the {info.name} weights into {final.parent}: {exc.strerror or exc}; choose "
+        raise ModelError(f"cannot write the {info.name} weights into {final.parent}: {reason(exc)}; choose "
                          f"another folder with --models-dir DIR or {registry.MODELS_DIR_ENV}=DIR") from None
     if force:
         part.unlink(missing_ok=True)
@@ -395,7 +386,7 @@ class _ResumingDownloader:
                     self._fetch(url, fh)
             except OSError as exc:
                 raise ModelError(f"cannot fetch the {self.info.name} weights: {exc.filename or self.part}: "
-                                 f"{exc.strerror or exc}") from None
+                                 f"{reason(exc)}") from None
             if self.info.sha1 is None:
                 try:
                     _check_layers(self.info, self.part)
@@ -433,12 +424,12 @@ class _ResumingDownloader:
                 got = _size(fh)
                 if got > start and resumes < _RESUME_ATTEMPTS:
                     resumes += 1
-                    self.say(f"{_reason(exc)}; resuming")
+                    self.say(f"{_fetch_failure(exc)}; resuming")
                     continue
                 kept = f"; the {_size_text(got)} received are kept in {self.part} and the same command resumes" \
                     if got else ""
-                raise ModelError(f"cannot download the {self.info.name} weights from {url}: {_reason(exc)}{kept}. "
-                                 f"{mirror_hint(self.info)}") from None
+                raise ModelError(f"cannot download the {self.info.name} weights from {url}: "
+                                 f"{_fetch_failure(exc)}{kept}. {mirror_hint(self.info)}") from None
 
     def _stream(self, url: str, fh: IO[bytes]) -> None:
         offset = _size(fh)
@@ -521,8 +512,8 @@ def _content_length(resp: Any) -> int | None:
         return None
 
 
-def _reason(exc: BaseException) -> str:
-    """A short, user-level account of why a fetch failed."""
+def _fetch_failure(exc: BaseException) -> str:
+    """A short, user-level account of why a fetch failed (util.reason would give urllib3's nested reprs)."""
     if isinstance(exc, _Incomplete):
         return str(exc)
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
@@ -561,12 +552,6 @@ def _size_text(n: int) -> str:
 def _without_path(message: str, path: Path) -> str:
     # The reader names the .part file; the user knows the file by its URL, which the message already gives.
     return message.replace(f"{path}: ", "")
-
-
-def _require_dependencies() -> None:
-    if _MISSING_DEPENDENCY is not None:
-        raise ModelError(f"downloading needs the packages pooch and requests ({_MISSING_DEPENDENCY}); install them "
-                         "with: pip install -r requirements.txt")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from style_transfer.errors import ImageError
+from style_transfer.util import one_line, reason
 
 # Pillow can be built without LittleCMS; colour profiles are then ignored with a notice.
 try:
@@ -181,6 +182,7 @@ def load_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = (255, 255, 255),
     notices: list[str] | None = None,
+    data: bytes | None = None,
 ) -> FloatArray:
     """Read an image file as an RGB float32 array HxWx3 in [0, 1].
 
@@ -188,7 +190,8 @@ def load_image(
     converted to sRGB, EXIF rotation is applied and only the first frame of an animation
     is used.  What the user may want to know about (dropped frames, an unusable profile,
     Pillow's warnings) is appended to ``notices``.  Every failure is an
-    :class:`ImageError` with a one-line message naming the file.
+    :class:`ImageError` with a one-line message naming the file.  ``data``, when given,
+    is the file's content read elsewhere (see :func:`read_file`); ``path`` then only names it.
     """
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
@@ -197,19 +200,14 @@ def load_image(
     label = os.fspath(path)
     collected: list[str] = []
 
-    try:
-        fp = open(path, "rb")  # noqa: SIM115 - closed by the with-block right below
-    except FileNotFoundError:
-        raise ImageError(f"image not found: {label}") from None
-    except IsADirectoryError:
-        raise ImageError(f"{label} is a folder, not an image file") from None
-    except PermissionError:
-        raise ImageError(f"cannot read {label}: permission denied") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read {label}: {_describe(exc)}") from None
+    if data is not None:
+        fp: IO[bytes] = io.BytesIO(data)
+    else:
+        with _reading(label):
+            fp = open(path, "rb")  # noqa: SIM115 - closed by the with-block right below
 
     with fp:
-        if _is_empty_regular_file(fp):
+        if _is_empty(fp):
             raise ImageError(f"{label} is empty (0 bytes)")
         with _pillow_guard(label, collected):
             try:
@@ -232,6 +230,27 @@ def load_image(
     if notices is not None:
         notices.extend(collected)
     return image
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """An image file's bytes, with the errors :func:`load_image` gives (a batch reads its inputs in the parent
+    process, so that workers on other hosts need not see the files)."""
+    with _reading(os.fspath(path)):
+        return Path(path).read_bytes()
+
+
+@contextlib.contextmanager
+def _reading(label: str) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {label}") from None
+    except IsADirectoryError:
+        raise ImageError(f"{label} is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageError(f"cannot read {label}: permission denied") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read {label}: {reason(exc)}") from None
 
 
 def _decode(
@@ -291,7 +310,7 @@ def _pillow_guard(label: str, notes: list[str]) -> Iterator[None]:
         if issubclass(caught_warning.category, UserWarning):
             # Printed as warnings, Pillow's remarks on corrupt EXIF and the like come
             # with a source line and read like a crash; as notices they read as advice.
-            notes.append(f"{label}: {_one_line(str(caught_warning.message))}")
+            notes.append(f"{label}: {one_line(str(caught_warning.message))}")
         else:
             warnings.warn_explicit(
                 caught_warning.message,
@@ -360,7 +379,7 @@ def _to_srgb(image: Image.Image, label: str, notes: list[str]) -> Image.Image:
         # Typically an RGB profile inside a CMYK or grey file, or a damaged profile;
         # uncorrected colours are still far better than refusing the image.
         notes.append(
-            f"{label}: embedded colour profile could not be applied ({_describe(exc)}); colours may be slightly off"
+            f"{label}: embedded colour profile could not be applied ({reason(exc)}); colours may be slightly off"
         )
         return image
     if converted is None:  # only happens with inPlace=True, which is not used
@@ -410,7 +429,9 @@ def _stretch(values: npt.NDArray[np.float64]) -> FloatArray:
     return ((values - low) / (high - low)).astype(np.float32)
 
 
-def _is_empty_regular_file(fp: IO[bytes]) -> bool:
+def _is_empty(fp: IO[bytes]) -> bool:
+    if isinstance(fp, io.BytesIO):
+        return not fp.getbuffer().nbytes
     # Pipes and character devices report size 0 and may still carry an image.
     info = os.fstat(fp.fileno())
     return stat.S_ISREG(info.st_mode) and info.st_size == 0
@@ -430,7 +451,7 @@ def _bomb_message(label: str, size: tuple[int, int] | None, max_pixels: int | No
 
 
 def _decode_failure_message(label: str, exc: BaseException) -> str:
-    detail = _describe(exc)
+    detail = reason(exc)
     if "truncated" in detail.lower():
         return f"{label} is truncated: the image data ends early (an incomplete download or copy?)"
     return f"{label} is damaged or unsupported and could not be decoded: {detail}"
@@ -455,11 +476,11 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ImageError(f"cannot create the folder {folder} for {target}: {_describe(exc)}") from None
+        raise ImageError(f"cannot create the folder {folder} for {target}: {reason(exc)}") from None
     try:
         handle, scratch = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=folder)
     except OSError as exc:
-        raise ImageError(f"cannot write to the folder {folder}: {_describe(exc)}") from None
+        raise ImageError(f"cannot write to the folder {folder}: {reason(exc)}") from None
     os.close(handle)
     with contextlib.suppress(OSError):
         os.unlink(scratch)
@@ -489,7 +510,7 @@ def save_image(path: str | os.PathLike[str], image: npt.NDArray[Any], *, quality
     except FileNotFoundError:
         raise ImageError(f"cannot write {target}: the folder {folder} does not exist") from None
     except OSError as exc:
-        raise ImageError(f"cannot write {target}: {_describe(exc)}") from None
+        raise ImageError(f"cannot write {target}: {reason(exc)}") from None
     try:
         with os.fdopen(handle, "wb") as out:
             picture.save(out, format=image_format, **options)
@@ -504,7 +525,7 @@ def save_image(path: str | os.PathLike[str], image: npt.NDArray[Any], *, quality
         with contextlib.suppress(OSError):
             os.unlink(temp_name)
         if isinstance(exc, (OSError, ValueError)):
-            raise ImageError(f"cannot write {target}: {_describe(exc)}") from exc
+            raise ImageError(f"cannot write {target}: {reason(exc)}") from exc
         raise
 
 
@@ -534,7 +555,7 @@ def _probe_encoder(target: Path, image_format: str) -> None:
         Image.new("RGB", (MIN_SIDE, MIN_SIDE)).save(io.BytesIO(), format=image_format)
     except (OSError, ValueError, KeyError) as exc:
         raise ImageError(
-            f"cannot save {target}: this installation of Pillow cannot write {image_format} ({_describe(exc)})"
+            f"cannot save {target}: this installation of Pillow cannot write {image_format} ({reason(exc)})"
         ) from None
 
 
@@ -551,14 +572,3 @@ def _new_file_mode() -> int:
 def _require_rgb(image: npt.NDArray[Any], caller: str) -> None:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{caller} expects an HxWx3 RGB array, got shape {image.shape}")
-
-
-def _describe(exc: BaseException) -> str:
-    # strerror leaves out the file name, which the callers put where it reads best.
-    if isinstance(exc, OSError) and exc.strerror:
-        return _one_line(exc.strerror)
-    return _one_line(str(exc) or type(exc).__name__)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

@@ -6,17 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from style_transfer.errors import StyleTransferError
-
 
 def pink_noise(height: int, width: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
     """RGB noise in [0, 1] whose amplitude spectrum falls as 1/f^exponent (0: white noise, 1: pink, 2: brown).
 
     The original drew such noise for its numeric --init; random phases under a power-law amplitude give a
-    natural-image-like start.
+    natural-image-like start. options.py has checked that `exponent` is finite and >= 0.
     """
-    if exponent < 0:
-        raise StyleTransferError(f"--init noise exponent must be >= 0, got {exponent}")
     fy = np.fft.fftfreq(height)[:, None]
     fx = np.fft.rfftfreq(width)[None, :]
     freq = np.sqrt(fy * fy + fx * fx)

@@ -1,7 +1,7 @@
 """The objective of Gatys, Ecker & Bethge (2016, "Image Style Transfer Using Convolutional Neural Networks") as the
-original Caffe tool (Frank Liu's style.py) wrote it, in three forms: torch expressions for autograd (the plain
-formulation), torch with hand-written feature gradients (what the torch engine runs), NumPy with explicit gradients
-(what the Caffe engine runs).
+original Caffe tool (Frank Liu's style.py) wrote it, in two forms: torch expressions for autograd (the plain
+formulation), and torch with hand-written feature gradients, which both engines run (the Caffe engine on its blobs'
+memory, without a copy).
 
 Per style layer with C channels and H x W positions, F the C x HW features and G = F F^T (not normalised):
     ratio * w / (4 C^2 (HW)^2) * sum_s b_s * sum (G - A_s)^2       (A_s: Gram matrix of style image s, b_s its blend)
@@ -111,9 +111,9 @@ def weighted_terms_torch(obj: Objective, targets: TorchTargets, feats: dict[str,
 
 
 def terms_and_feature_grads(obj: Objective, targets: TorchTargets, feats: dict[str, torch.Tensor],
-                            dtype: torch.dtype) -> tuple[dict[str, float], list[torch.Tensor], list[torch.Tensor]]:
+                            dtype: torch.dtype) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Each weighted term's value, and the gradient of the style and content terms with respect to each feature
-    blob (1 x C x H x W, NCHW or NHWC): returns (terms, blobs, gradients) for torch.autograd.grad(blobs, x, grads).
+    blob (1 x C x H x W, NCHW or NHWC), by blob name. `feats` are only read, never written.
 
     Differentiated by hand, as the original did: with s = ratio * w / (4 C^2 (HW)^2),
         d/dF  s sum_s b_s sum (G - A_s)^2 = 4 s ((sum b) G - sum_s b_s A_s) F      (G - A symmetric)
@@ -148,43 +148,10 @@ def terms_and_feature_grads(obj: Objective, targets: TorchTargets, feats: dict[s
             grads[layer] = grads[layer].add_(diff) if layer in grads else diff
         # One transfer for all the values (one synchronisation on a GPU).
         numbers = torch.stack(list(values.values())).tolist() if values else []
-    terms = dict(zip(values, (float(v) for v in numbers), strict=True))
-    return terms, [feats[layer] for layer in grads], list(grads.values())
+    return dict(zip(values, (float(v) for v in numbers), strict=True)), grads
 
 
 def is_nhwc(t: torch.Tensor) -> bool:
     """A 4-D tensor laid out channels-last (and not also contiguous, as 1 x 1 maps are in both layouts)."""
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
-
-def style_loss_numpy(features: np.ndarray, targets: np.ndarray, blend: np.ndarray) -> tuple[float, np.ndarray]:
-    """Unweighted style loss of one layer (see style_loss_torch) and its gradient with respect to `features`,
-    4 / (4 C^2 (HW)^2) sum_s b_s (G - A_s) F, as style.py computed it."""
-    c = features.shape[0]
-    f = features.reshape(c, -1)
-    diff = (f @ f.T)[None] - targets
-    scale = style_scale(features.shape)
-    loss = scale * float(np.sum(blend * np.sum(np.square(diff, dtype=np.float64), axis=(1, 2))))
-    weighted = np.tensordot(blend.astype(features.dtype), diff, axes=1)
-    # d/dF sum (G - A)^2 = 4 (G - A) F for symmetric G - A.
-    grad = (4.0 * scale) * (weighted @ f)
-    return loss, grad.reshape(features.shape).astype(features.dtype, copy=False)
-
-
-def content_loss_numpy(features: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
-    """Unweighted content loss of one layer, 1/2 sum (F - P)^2, and its gradient F - P."""
-    diff = features - target
-    return 0.5 * float(np.sum(np.square(diff, dtype=np.float64))), diff
-
-
-def tv_loss_numpy(image: np.ndarray) -> tuple[float, np.ndarray]:
-    """Unweighted total variation (see tv_loss_torch) and its gradient with respect to the image."""
-    dh = image[:, 1:, :] - image[:, :-1, :]
-    dw = image[:, :, 1:] - image[:, :, :-1]
-    loss = float(np.sum(np.square(dh, dtype=np.float64)) + np.sum(np.square(dw, dtype=np.float64)))
-    grad = np.zeros_like(image)
-    grad[:, 1:, :] += 2 * dh
-    grad[:, :-1, :] -= 2 * dh
-    grad[:, :, 1:] += 2 * dw
-    grad[:, :, :-1] -= 2 * dw
-    return loss, grad

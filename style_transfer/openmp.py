@@ -9,8 +9,8 @@ SPIN_VARIABLE = "GOMP_SPINCOUNT"
 SHORT_SPIN = "10000"
 # Nets whose 3 x 3 convolutions the torch engine runs as Winograd convolutions on NNPACK's own thread pool. After
 # each OpenMP region libgomp's threads keep spinning for a while and take the cores NNPACK's threads need next;
-# a short spin measured 15% faster per evaluation for VGG16 at 512 px, and 10% slower for GoogLeNet and CaffeNet
-# at 256 px, whose small layers pay for the threads' later wake-ups (BENCHMARKS.md).
+# a short spin makes VGG faster per evaluation, and GoogLeNet and CaffeNet slower, whose small layers pay for the
+# threads' later wake-ups (BENCHMARKS.md).
 SHORT_SPIN_MODELS = frozenset({"vgg16", "vgg19"})
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from style_transfer.engines import ENGINES, PRECISIONS
 from style_transfer.errors import StyleTransferError
 
 Check = Callable[[Any, str], Any]
@@ -130,10 +131,6 @@ def _flag(value: Any, label: str) -> bool:
     if text in ("0", "no", "false", "n", "off"):
         return False
     raise StyleTransferError(f"{label} must be yes or no (1/0, true/false), got {value!r}")
-
-
-def _seed(value: Any, label: str) -> int:
-    return whole(None)(value, label)
 
 
 INIT_WORDS = ("content", "mixed")
@@ -251,12 +248,12 @@ OPTIONS: tuple[Option, ...] = (
            _one_of("avg", "max"), scope="model", choices=("avg", "max")),
     Option("style_scale", ("--style-scale",), "style image long side as a multiple of --length", 1.2,
            number(0.0, strict=True)),
-    Option("seed", ("--seed",), "random seed for noise initialisation (default: drawn, and reported)", None, _seed),
-    Option("engine", ("--engine",), "network engine", "torch", _one_of("torch", "caffe"), scope="model",
-           choices=("torch", "caffe")),
+    Option("seed", ("--seed",), "random seed for noise initialisation (default: drawn, and reported)", None,
+           whole(None)),
+    Option("engine", ("--engine",), "network engine", "torch", _one_of(*ENGINES), scope="model", choices=ENGINES),
     Option("precision", ("--precision",), "torch engine arithmetic: fp32, or bf16/fp16 autocast (Gram matrices in "
            "fp32); bf16 is faster on CPUs with AVX512-BF16/AMX and on recent GPUs, fp16 on GPUs only", "fp32",
-           _one_of("fp32", "bf16", "fp16"), scope="model", choices=("fp32", "bf16", "fp16")),
+           _one_of(*PRECISIONS), scope="model", choices=PRECISIONS),
     Option("lbfgs_memory", ("--lbfgs-memory",), "L-BFGS-B history size (scipy's maxcor)", 8, whole()),
     Option("tv_weight", ("--tv-weight",), "total-variation weight (on the 0-255 pixel scale)", 0.0, number()),
     Option("max_pixels", ("--max-pixels",), "largest input image accepted, in pixels (decompression-bomb guard)",

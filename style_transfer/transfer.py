@@ -34,10 +34,9 @@ def scale_plan(length: int, scales: int, min_length: int | None, iterations: int
 
     Sizes grow geometrically from `min_length` (default: half of `length` per step down, at least 64 px) to
     `length`. Iterations are split in proportion to 1/size: a coarse iteration costs a fraction of a fine one and
-    moves the image further, so coarse scales get more of them. `scales == 1` is the original single-scale run.
+    moves the image further, so coarse scales get more of them. `scales == 1` is the original single-scale run
+    (options.py has checked that `scales` is at least 1).
     """
-    if scales < 1:
-        raise StyleTransferError(f"--scales must be at least 1, got {scales}")
     if scales == 1:
         if min_length is not None:
             raise StyleTransferError("--min-length sets the smallest of several --scales; give --scales 2 or more")
@@ -178,12 +177,8 @@ class Stylization:
     def _report(self, x: np.ndarray, evaluation: Evaluation | None, iterations: int, seconds: float,
                 stop_reason: str) -> dict[str, Any]:
         st = self.transfer
-        scores: dict[str, Any] = {"loss": None, "style_loss": None, "content_loss": None, "tv_loss": None,
-                                  "layers": None}
-        if evaluation is not None:
-            scores = {"loss": evaluation.loss, "style_loss": evaluation.style_loss,
-                      "content_loss": evaluation.content_loss, "tv_loss": evaluation.tv_loss,
-                      "layers": evaluation.layers}
+        # Without an evaluation (a second Ctrl-C cut it) every score is None.
+        scores = {k: getattr(evaluation, k, None) for k in ("loss", "style_loss", "content_loss", "tv_loss", "layers")}
         return {
             "engine": st.options["engine"],
             "model": st.model,
@@ -240,7 +235,6 @@ class StyleTransfer:
             parse_layer_weights(opts["content_layers"], "--content-layers")
         blobs = list(dict.fromkeys([*self.style_weights, *self.content_weights]))
         self.net = load_net(prototxt_path, weights_path, blobs, opts["pooling"])
-        self.pooling = opts["pooling"]
         self.engine, notice = create_engine(opts["engine"], self.net, opts["pooling"], opts["gpu"], opts["verbose"],
                                             opts["precision"])
         if notice:

@@ -12,14 +12,46 @@ from style_transfer.caffe_model.loader import load_net
 from style_transfer.engines.torch import TorchEngine
 from style_transfer.losses import (
     Objective,
-    content_loss_numpy,
+    TorchTargets,
     gram_numpy,
-    style_loss_numpy,
     style_loss_torch,
-    tv_loss_numpy,
+    terms_and_feature_grads,
     tv_loss_torch,
 )
 from tests import tinynets
+
+
+def style_loss_numpy(features: np.ndarray, targets: np.ndarray, blend: np.ndarray) -> tuple[float, np.ndarray]:
+    """Reference: unweighted style loss of one layer, 1 / (4 C^2 (HW)^2) sum_s b_s sum (G - A_s)^2, and its gradient
+    4 / (4 C^2 (HW)^2) sum_s b_s (G - A_s) F, as style.py computed it."""
+    c = features.shape[0]
+    f = features.reshape(c, -1)
+    diff = (f @ f.T)[None] - targets
+    scale = 1.0 / (4.0 * c * c * f.shape[1] ** 2)
+    loss = scale * float(np.sum(blend * np.sum(np.square(diff, dtype=np.float64), axis=(1, 2))))
+    weighted = np.tensordot(blend.astype(features.dtype), diff, axes=1)
+    # d/dF sum (G - A)^2 = 4 (G - A) F for symmetric G - A.
+    grad = (4.0 * scale) * (weighted @ f)
+    return loss, grad.reshape(features.shape).astype(features.dtype, copy=False)
+
+
+def content_loss_numpy(features: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+    """Reference: unweighted content loss of one layer, 1/2 sum (F - P)^2, and its gradient F - P."""
+    diff = features - target
+    return 0.5 * float(np.sum(np.square(diff, dtype=np.float64))), diff
+
+
+def tv_loss_numpy(image: np.ndarray) -> tuple[float, np.ndarray]:
+    """Reference: unweighted total variation and its gradient with respect to the image."""
+    dh = image[:, 1:, :] - image[:, :-1, :]
+    dw = image[:, :, 1:] - image[:, :, :-1]
+    loss = float(np.sum(np.square(dh, dtype=np.float64)) + np.sum(np.square(dw, dtype=np.float64)))
+    grad = np.zeros_like(image)
+    grad[:, 1:, :] += 2 * dh
+    grad[:, :-1, :] -= 2 * dh
+    grad[:, :, 1:] += 2 * dw
+    grad[:, :, :-1] -= 2 * dw
+    return loss, grad
 
 
 def reference_loss(feats: dict[str, np.ndarray], image: np.ndarray, obj: Objective) -> float:
@@ -77,6 +109,14 @@ def test_numpy_gradients_match_autograd() -> None:
     closs, cgrad = content_loss_numpy(f, p)
     assert closs == pytest.approx(0.5 * np.sum((f - p) ** 2))
     np.testing.assert_allclose(cgrad, f - p)
+
+    # What both engines run: the hand-differentiated terms and feature gradients.
+    obj = Objective(content_weights={"b": 0.5}, style_weights={"b": 2.0}, ratio=3.0, content_targets={"b": p},
+                    style_targets={"b": targets}, style_blend=blend)
+    terms, grads = terms_and_feature_grads(obj, TorchTargets.of(obj, torch.from_numpy, torch.contiguous_format),
+                                           {"b": torch.tensor(f)[None]}, torch.float64)
+    assert terms == pytest.approx({"style:b": 6.0 * loss, "content:b": 0.5 * closs}, rel=1e-12)
+    np.testing.assert_allclose(grads["b"][0].numpy(), 6.0 * grad + 0.5 * cgrad, rtol=1e-10)
 
     img = rng.standard_normal((3, 6, 7))
     tloss, tgrad = tv_loss_numpy(img)

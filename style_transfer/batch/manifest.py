@@ -12,6 +12,7 @@ from typing import Any
 
 from style_transfer.errors import StyleTransferError
 from style_transfer.options import BY_NAME, FINGERPRINTED, MANIFEST_COLUMNS, init_kind, parse_value
+from style_transfer.util import reason
 
 REQUIRED_COLUMNS = ("style", "content", "output")
 
@@ -77,7 +78,7 @@ def read_manifest(path: Path, defaults: dict[str, Any]) -> list[Job]:
     except UnicodeDecodeError:
         raise ManifestError(f"manifest {path} is not UTF-8 text") from None
     except OSError as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+        raise ManifestError(f"cannot read manifest {path}: {reason(exc)}") from None
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:

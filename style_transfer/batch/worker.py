@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from style_transfer import images
-from style_transfer.errors import ImageError, StyleTransferError
+from style_transfer.errors import StyleTransferError
 from style_transfer.options import values_for
 from style_transfer.util import one_line
 
@@ -74,17 +73,7 @@ def model_key(options: dict[str, Any]) -> tuple[Any, ...]:
 
 def read_input(path: Path) -> InputFile:
     """An input image's bytes, read by the parent: workers on other hosts need not see its files."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"image not found: {path}") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path} is a folder, not an image file") from None
-    except PermissionError:
-        raise ImageError(f"cannot read {path}: permission denied") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return InputFile(str(path), data)
+    return InputFile(str(path), images.read_file(path))
 
 
 def run_task(task: Task) -> Outcome:
@@ -152,18 +141,7 @@ def _loaded_model(options: dict[str, Any]) -> tuple[StyleTransfer, bool]:
 
 
 def _decode(item: InputFile, max_pixels: int, notices: list[str]) -> np.ndarray:
-    # load_image reads files; the bytes get a private file under their own base name, and messages get the
-    # manifest's path back.
-    with tempfile.TemporaryDirectory(prefix="style-batch-") as folder:
-        path = Path(folder) / (Path(item.name).name or "image")
-        path.write_bytes(item.data)
-        found: list[str] = []
-        try:
-            return images.load_image(path, max_pixels=max_pixels, notices=found)
-        except ImageError as exc:
-            raise ImageError(str(exc).replace(str(path), item.name)) from None
-        finally:
-            notices.extend(n.replace(str(path), item.name) for n in found)
+    return images.load_image(item.name, max_pixels=max_pixels, notices=notices, data=item.data)
 
 
 def _set_threads(task: Task) -> None:

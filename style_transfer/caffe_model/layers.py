@@ -86,6 +86,8 @@ def conv_geometry(layer: Layer) -> ConvGeometry:
         group=int(p.group),
         bias=bool(p.bias_term),
     )
+    if geometry.num_output < 1:
+        raise ModelError(f"layer {layer.name!r}: num_output must be positive")
     if min(geometry.kernel) < 1 or min(geometry.stride) < 1 or min(geometry.dilation) < 1 or geometry.group < 1:
         raise ModelError(f"layer {layer.name!r}: kernel, stride, dilation and group must be positive")
     if geometry.num_output % geometry.group:
@@ -129,6 +131,14 @@ def concat_axis(layer: Layer) -> int:
     return axis
 
 
+def lrn_size(layer: Layer) -> int:
+    """The LRN window, which must be odd: Caffe and the torch engine centre it on each channel."""
+    size = int(layer.params.local_size) if layer.params is not None else 5
+    if size % 2 == 0 or size < 1:
+        raise ModelError(f"layer {layer.name!r}: LRN local_size must be odd, got {size}")
+    return size
+
+
 def conv_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
     return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
 
@@ -165,6 +175,11 @@ def _pooling(layer: Layer, ins: list[Shape], pooling: str | None) -> list[Shape]
         return [(n, c, 1, 1)]
     return [(n, c, pool_output_size(h, p.kernel[0], p.stride[0], p.pad[0]),
              pool_output_size(w, p.kernel[1], p.stride[1], p.pad[1]))]
+
+
+def _lrn(layer: Layer, ins: list[Shape], pooling: str | None) -> list[Shape]:
+    lrn_size(layer)
+    return _same(layer, ins, pooling)
 
 
 def _inner_product(layer: Layer, ins: list[Shape], pooling: str | None) -> list[Shape]:
@@ -205,7 +220,7 @@ LAYER_TYPES: dict[str, LayerType] = {
     "Convolution": LayerType("convolution_param", "CONVOLUTION", True, _convolution),
     "ReLU": LayerType("relu_param", "RELU", True, _same, in_place=True),
     "Pooling": LayerType("pooling_param", "POOLING", True, _pooling),
-    "LRN": LayerType("lrn_param", "LRN", True, _same),
+    "LRN": LayerType("lrn_param", "LRN", True, _lrn),
     "Concat": LayerType("concat_param", "CONCAT", True, _concat, bottoms=(1, None)),
     "Dropout": LayerType("dropout_param", "DROPOUT", True, _same, in_place=True),
     "Split": LayerType(None, "SPLIT", True, _same, tops=(1, None)),

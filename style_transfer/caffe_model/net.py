@@ -36,9 +36,6 @@ class Net:
             names.extend(t for t in layer.tops if t not in names)
         return names
 
-    def layer_names(self) -> list[str]:
-        return [layer.name for layer in self.layers]
-
 
 def infer_shapes(net: Net, input_shape: tuple[int, int, int, int], pooling: str | None = None
                  ) -> dict[str, tuple[int, ...]]:

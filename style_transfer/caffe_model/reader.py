@@ -14,6 +14,7 @@ from style_transfer.caffe_model import caffe_schema_pb2 as pb
 from style_transfer.caffe_model.layers import LAYER_TYPES, V1_TYPES, Layer
 from style_transfer.caffe_model.net import Net
 from style_transfer.errors import ModelError
+from style_transfer.util import reason
 
 
 def read_prototxt_message(path: str | os.PathLike[str]) -> pb.NetParameter:
@@ -61,7 +62,7 @@ def _read_bytes(path: str | os.PathLike[str], what: str) -> bytes:
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise ModelError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+        raise ModelError(f"cannot read {what} {p}: {reason(exc)}") from None
     if not data:
         raise ModelError(f"{what} file is empty: {p}")
     return data

@@ -14,8 +14,6 @@ __all__ = ["ENGINES", "PRECISIONS", "Engine", "Evaluation", "Evaluator", "create
 def create_engine(name: str, net: Net, pooling: str, gpu: int, verbose: bool = False,
                   precision: str = "fp32") -> tuple[Engine, str | None]:
     """The engine on the device the original's `-g` names, and a one-line notice about the device, if any."""
-    if precision not in PRECISIONS:
-        raise EngineError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if name == "torch":
         from style_transfer.engines.torch import TorchEngine, resolve_device
 

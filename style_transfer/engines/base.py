@@ -27,6 +27,13 @@ class Evaluation:
     tv_loss: float
     layers: dict[str, float]  # per-layer weighted terms, keys "style:<blob>" and "content:<blob>"
 
+    @classmethod
+    def of(cls, layers: dict[str, float], tv_loss: float, grad: np.ndarray) -> Evaluation:
+        """The evaluation whose style and content losses are the sums of the per-layer terms."""
+        style = sum((v for k, v in layers.items() if k.startswith("style:")), 0.0)
+        content = sum((v for k, v in layers.items() if k.startswith("content:")), 0.0)
+        return cls(style + content + tv_loss, grad, style, content, tv_loss, layers)
+
 
 class Evaluator(ABC):
     """An objective bound to an engine: the objective's value and input gradient at any image size. It holds its

@@ -1,11 +1,8 @@
 """The Caffe engine: pycaffe itself, as the original tool ran it.
 
-The engine writes a deploy prototxt for Caffe from the already truncated and weight-checked `Net` (the input at the
-image's size, the chosen pooling in every pooling layer, set up so that Caffe computes the input gradient and no
-weight gradients), builds a `caffe.Net` from it and copies the weights in from memory, so a big caffemodel is read
-once, by our reader. Caffe ends the whole process on a failed internal CHECK, so everything Caffe would check is
-checked here first and reported as a ModelError or EngineError: layer types, blob wiring, parameter combinations,
-shapes at every input size, 32-bit element counts.
+The engine builds a `caffe.Net` from the deploy prototxt that caffe_deploy.py writes for the already truncated and
+weight-checked `Net`, after that module's checks (Caffe ends the whole process on a failed internal CHECK), and
+copies the weights in from memory, so a big caffemodel is read once, by our reader.
 
 Gradients follow the original tool: one forward pass, then, from the deepest loss blob to the shallowest, the loss
 gradient is added into the blob's diff and Caffe's backward runs down to the next loss blob and finally to the input.
@@ -25,28 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from google.protobuf import text_format
+import torch
 
-from style_transfer.caffe_model import caffe_schema_pb2 as pb
-from style_transfer.caffe_model.layers import (
-    LAYER_TYPES,
-    RUNNABLE,
-    Layer,
-    arity_problem,
-    concat_axis,
-    conv_geometry,
-    pool_geometry,
-)
-from style_transfer.caffe_model.net import Net, infer_shapes
+from style_transfer.caffe_model.net import Net
 from style_transfer.engines.base import Engine, Evaluation, Evaluator
+from style_transfer.engines.caffe_deploy import check_net, check_size, deploy_prototxt, input_layer_name
 from style_transfer.errors import EngineError, ModelError
-from style_transfer.losses import Objective, content_loss_numpy, style_loss_numpy, tv_loss_numpy
+from style_transfer.losses import Objective, TorchTargets, terms_and_feature_grads, tv_loss_torch
+from style_transfer.util import one_line
 
 INSTALL_HINT = "run scripts/install_caffe.sh (e.g. PYTHON=.venv/bin/python bash scripts/install_caffe.sh)"
 REBUILD_HINT = "rebuild it with scripts/install_caffe.sh --rebuild"
-
-# Blob and im2col buffer sizes are 32-bit ints inside Caffe; beyond this it aborts.
-_INT_MAX = 2**31 - 1
 
 # The message of Caffe's NO_GPU macro is compiled into the library only by a CPU_ONLY build, so finding it in
 # _caffe.so tells the build apart without calling anything that would abort (set_device does in a CPU_ONLY build).
@@ -64,19 +50,15 @@ def import_caffe(verbose: bool = False) -> Any:
         return importlib.import_module("caffe")
     except ModuleNotFoundError as exc:
         if exc.name not in (None, "caffe"):
-            raise EngineError(f"pycaffe cannot be imported: {_one_line(exc)}; {INSTALL_HINT}") from None
+            raise EngineError(f"pycaffe cannot be imported: {one_line(exc)}; {INSTALL_HINT}") from None
         raise EngineError(f"pycaffe is not installed: {INSTALL_HINT}") from None
     except ImportError as exc:
         if "halted; None in sys.modules" in str(exc):
             raise EngineError(f"pycaffe is not installed: {INSTALL_HINT}") from None
-        raise EngineError(f"pycaffe cannot be imported: {_one_line(exc)}; {REBUILD_HINT}") from None
+        raise EngineError(f"pycaffe cannot be imported: {one_line(exc)}; {REBUILD_HINT}") from None
     except Exception as exc:  # a broken build fails in many ways (NumPy ABI, protobuf version, ...)
-        raise EngineError(f"pycaffe cannot be imported ({type(exc).__name__}: {_one_line(exc)}); "
+        raise EngineError(f"pycaffe cannot be imported ({type(exc).__name__}: {one_line(exc)}); "
                           f"{REBUILD_HINT}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def caffe_is_cpu_only(caffe: Any) -> bool:
@@ -138,171 +120,6 @@ def create_caffe_engine(net: Net, pooling: str, gpu: int, verbose: bool = False)
     caffe = import_caffe(verbose)
     device, notice = resolve_caffe_device(caffe, gpu)
     return CaffeEngine(net, pooling, device, caffe=caffe), notice
-
-
-# ----------------------------------------------------------------------------------------------- checks
-
-
-def check_net(net: Net) -> None:
-    """Reject, before Caffe sees it, anything Caffe would abort on or compute differently from the torch engine."""
-    layer_names = {layer.name for layer in net.layers}
-    if len(layer_names) != len(net.layers):
-        raise ModelError("two layers of the net have the same name")
-    produced = {net.input_name}
-    for layer in net.layers:
-        where = f"layer {layer.name!r} ({layer.type})"
-        if layer.type not in RUNNABLE:
-            raise ModelError(f"{where}: the Caffe engine cannot run this layer type (supported: "
-                             f"{', '.join(sorted(RUNNABLE))})")
-        if not layer.name or not layer.tops:
-            raise ModelError(f"{where}: a layer needs a name and an output blob")
-        problem = arity_problem(layer)
-        if problem:
-            raise ModelError(f"{where}: {problem}")
-        for index, top in enumerate(layer.tops):
-            in_place = index < len(layer.bottoms) and layer.bottoms[index] == top
-            if in_place and not LAYER_TYPES[layer.type].in_place:
-                raise ModelError(f"{where}: cannot write its output {top!r} over its input in place")
-            if top in produced and not in_place:
-                raise ModelError(f"{where}: blob {top!r} is already made by an earlier layer (only in-place "
-                                 "layers may write a blob again)")
-            if top in layer.bottoms and not in_place:
-                raise ModelError(f"{where}: blob {top!r} is both an input and an output at different positions")
-        if len(set(layer.tops)) != len(layer.tops):
-            raise ModelError(f"{where}: the same output blob is named twice")
-        produced.update(layer.tops)
-        if layer.type == "Convolution":
-            g = conv_geometry(layer)
-            if g.num_output < 1:
-                raise ModelError(f"{where}: num_output must be positive")
-        elif layer.type == "Pooling":
-            pool_geometry(layer)
-        elif layer.type == "LRN":
-            size = int(layer.params.local_size) if layer.params is not None else 5
-            if size % 2 == 0 or size < 1:
-                raise ModelError(f"layer {layer.name!r}: LRN local_size must be odd, got {size}")
-        elif layer.type == "Concat":
-            concat_axis(layer)
-
-
-def check_size(net: Net, height: int, width: int, pooling: str | None) -> dict[str, tuple[int, ...]]:
-    """Every blob's shape at this input size; errors for what Caffe would abort on, such as 32-bit overflows."""
-    shapes = infer_shapes(net, (1, 3, height, width), pooling)
-    for name, shape in shapes.items():
-        if int(np.prod(shape, dtype=np.int64)) > _INT_MAX:
-            raise EngineError(f"the image ({width}x{height}) is too large for Caffe: blob {name!r} would have "
-                              f"{'x'.join(map(str, shape))} elements, more than 2^31-1")
-    for layer in net.layers:
-        if layer.type == "Convolution":
-            g = conv_geometry(layer)
-            _, c, _, _ = shapes[layer.bottoms[0]]
-            _, _, oh, ow = shapes[layer.tops[0]]
-            buffer = c * g.kernel[0] * g.kernel[1] * oh * ow  # Caffe's im2col buffer
-            if buffer > _INT_MAX:
-                raise EngineError(f"the image ({width}x{height}) is too large for Caffe: layer {layer.name!r} "
-                                  f"needs an im2col buffer of {buffer} elements, more than 2^31-1")
-        elif layer.type == "LRN":
-            _, c, h, w = shapes[layer.bottoms[0]]
-            if (c + int(layer.params.local_size)) * h * w > _INT_MAX:
-                raise EngineError(f"the image ({width}x{height}) is too large for Caffe's LRN layer "
-                                  f"{layer.name!r}")
-    return shapes
-
-
-# ----------------------------------------------------------------------------------------------- prototxt
-
-
-def input_layer_name(net: Net) -> str:
-    """A name for the layer that holds the input, unused by the net's own layers."""
-    names = {layer.name for layer in net.layers}
-    name, suffix = net.input_name, 0
-    while name in names:
-        suffix += 1
-        name = f"{net.input_name}_input{suffix}"
-    return name
-
-
-def deploy_prototxt(net: Net, height: int, width: int, pooling: str | None) -> str:
-    """The net as Caffe should build it, with the input gradient but no weight gradients.
-
-    The original set `force_backward: true`, which also makes Caffe compute every weight gradient (it turns on
-    parameter back-propagation whatever `lr_mult` says), a third of the work thrown away. Instead the input is a
-    Parameter layer of 1x3xHxW with `lr_mult: 1`, so everything above it needs backward through the data, the
-    weights get `lr_mult: 0`, so Caffe skips their gradients, and each blob nothing reads gets `loss_weight: 1`, so
-    Caffe counts every layer as contributing to a loss (it computes a dot product with that blob's diff in forward,
-    which is ignored). Geometry is written the way the torch engine reads it, so both engines run the same net and
-    Caffe meets no conflicting fields; `pooling` replaces the method of every pooling layer.
-    """
-    msg = pb.NetParameter(name=net.name or "net")
-    outputs = _unread_tops(net)
-    source = msg.layer.add(name=input_layer_name(net), type="Parameter", top=[net.input_name])
-    source.param.add(lr_mult=1, decay_mult=0)
-    if net.input_name in outputs.get(-1, ()):
-        source.loss_weight.append(1)
-    for index, layer in enumerate(net.layers):
-        lp = msg.layer.add(name=layer.name, type=layer.type, bottom=list(layer.bottoms), top=list(layer.tops))
-        if layer.type == "Convolution":
-            _write_convolution(lp.convolution_param, layer)
-        elif layer.type == "Pooling":
-            _write_pooling(lp.pooling_param, layer, pooling)
-        elif layer.type == "Concat":
-            lp.concat_param.axis = concat_axis(layer)
-        else:
-            field = LAYER_TYPES[layer.type].field
-            if field is not None and layer.params is not None:
-                getattr(lp, field).CopyFrom(layer.params)
-                if layer.type in ("ReLU", "LRN"):
-                    # No cuDNN in our builds: an explicit CUDNN engine would end Caffe.
-                    getattr(lp, field).ClearField("engine")
-        for _ in range(len(net.weights.get(layer.name, []))):
-            lp.param.add(lr_mult=0, decay_mult=0)
-        unread = outputs.get(index, ())
-        if unread:
-            lp.loss_weight.extend(1 if top in unread else 0 for top in layer.tops)
-    text = text_format.MessageToString(msg)
-    # Our schema leaves out ParameterParameter (field 145 of Caffe's LayerParameter); its text is short.
-    shape = f"parameter_param {{ shape {{ dim: 1 dim: 3 dim: {int(height)} dim: {int(width)} }} }}\n"
-    head, sep, rest = text.partition('type: "Parameter"\n')
-    return head + sep + "  " + shape + rest
-
-
-def _unread_tops(net: Net) -> dict[int, set[str]]:
-    """Layer index (-1 for the input) -> its tops that no later layer reads after this layer last wrote them."""
-    last_writer = {net.input_name: -1}
-    for index, layer in enumerate(net.layers):
-        for top in layer.tops:
-            last_writer[top] = index
-    read_after: set[str] = set()
-    for index, layer in enumerate(net.layers):
-        read_after.update(b for b in layer.bottoms if last_writer.get(b, index) < index)
-    out: dict[int, set[str]] = {}
-    for blob, index in last_writer.items():
-        if blob not in read_after:
-            out.setdefault(index, set()).add(blob)
-    return out
-
-
-def _write_convolution(out: Any, layer: Layer) -> None:
-    g = conv_geometry(layer)
-    out.num_output = g.num_output
-    out.bias_term = g.bias
-    out.group = g.group
-    out.kernel_h, out.kernel_w = g.kernel
-    out.stride_h, out.stride_w = g.stride
-    out.pad_h, out.pad_w = g.pad
-    out.dilation.extend(g.dilation)
-    # Fillers are left out: the weights are copied in, and filling big layers at random would only cost time.
-
-
-def _write_pooling(out: Any, layer: Layer, pooling: str | None) -> None:
-    p = pool_geometry(layer, pooling)
-    out.pool = pb.PoolingParameter.MAX if p.method == "max" else pb.PoolingParameter.AVE
-    if p.global_pooling:
-        out.global_pooling = True
-        return
-    out.kernel_h, out.kernel_w = p.kernel
-    out.stride_h, out.stride_w = p.stride
-    out.pad_h, out.pad_w = p.pad
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -485,74 +302,56 @@ class CaffeEngine(Engine):
 
 
 class CaffeEvaluator(Evaluator):
-    """An objective on the Caffe engine, with its targets as float32 arrays; the net and its blobs are the engine's,
-    and each evaluation writes every blob it reads before reading it."""
+    """An objective on the Caffe engine: Caffe runs the net, losses.py gives the terms and their feature gradients
+    (the torch engine's functions, reading Caffe's blobs without a copy), and Caffe's backward takes those to the
+    input. The net and its blobs are the engine's; each evaluation writes every blob it reads before reading it."""
 
     def __init__(self, engine: CaffeEngine, objective: Objective) -> None:
         self.engine = engine
         self.objective = objective
-        self._content = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in objective.content_targets.items()}
-        self._style = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in objective.style_targets.items()}
-        self._blend = np.asarray(objective.style_blend, dtype=np.float64)
+        self.targets = TorchTargets.of(objective, lambda a: torch.from_numpy(np.array(a, dtype=np.float32)),
+                                       torch.contiguous_format)
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
         engine, obj = self.engine, self.objective
         cnet = engine._net_for(image)
         assert engine._topology is not None
-        if not obj.layers:
-            return self._finish(image, np.zeros(image.shape, np.float32), {})
-        names = engine._topology.layer_names
-        plan = engine._plan(tuple(obj.layers))
-        cnet.forward(end=names[plan.end])
-
         terms: dict[str, float] = {}
-        injected: dict[str, np.ndarray] = {}
-
-        def inject(blob: str, grad: np.ndarray) -> None:
-            injected[blob] = injected[blob] + grad if blob in injected else grad
-
-        for layer, w in obj.style_weights.items():
-            loss, grad = style_loss_numpy(cnet.blobs[layer].data[0], self._style[layer], self._blend)
-            terms[f"style:{layer}"] = obj.ratio * w * loss
-            inject(layer, np.float32(obj.ratio * w) * grad)
-        for layer, w in obj.content_weights.items():
-            loss, grad = content_loss_numpy(cnet.blobs[layer].data[0], self._content[layer])
-            terms[f"content:{layer}"] = w * loss
-            inject(layer, np.float32(w) * grad)
-
-        # Caffe's backward overwrites each bottom diff, so a diff is fresh only if a layer in use reads the blob;
-        # the others still hold the last evaluation's values and must not leak into this one.
-        for blob in plan.dangling:
-            cnet.blobs[blob].diff[...] = 0
-        # Backward in segments, deepest loss blob first. A segment ends just above the layer that last wrote the
-        # next loss blob, so that blob's diff then holds what flows back from the deeper layers (written by its
-        # reader's backward, or by the Split Caffe inserts when it has several), and the loss gradient is added to
-        # it (or replaces it, when no layer in use reads the blob). The next segment starts AT that last writer:
-        # for conv4_2 that is relu4_2, whose in-place output is the feature the loss sees, so Caffe's own ReLU
-        # backward masks the injected gradient (the original masked it by hand, grad * (F > 0), and started at the
-        # convolution; the result is the same).
-        current = plan.end
-        for index, blobs in plan.groups:
-            if current > index:
-                cnet.backward(start=names[current], end=names[index + 1])
-            for blob in blobs:
-                diff = cnet.blobs[blob].diff[0]
-                if plan.accumulate[blob]:
-                    diff += injected[blob]
-                else:
-                    diff[...] = injected[blob]
-            current = index
-        cnet.backward(start=names[current], end=names[0])
-        return self._finish(image, np.array(engine._input_blob().diff[0], dtype=np.float32), terms)
-
-    def _finish(self, image: np.ndarray, grad: np.ndarray, terms: dict[str, float]) -> Evaluation:
-        obj = self.objective
-        style = float(sum(v for k, v in terms.items() if k.startswith("style:")))
-        content = float(sum(v for k, v in terms.items() if k.startswith("content:")))
+        grad = np.zeros(image.shape, np.float32)
+        if obj.layers:
+            names = engine._topology.layer_names
+            plan = engine._plan(tuple(obj.layers))
+            cnet.forward(end=names[plan.end])
+            feats = {b: torch.from_numpy(cnet.blobs[b].data) for b in obj.layers}
+            terms, injected = terms_and_feature_grads(obj, self.targets, feats, torch.float32)
+            # Caffe's backward overwrites each bottom diff, so a diff is fresh only if a layer in use reads the blob;
+            # the others still hold the last evaluation's values and must not leak into this one.
+            for blob in plan.dangling:
+                cnet.blobs[blob].diff[...] = 0
+            # Backward in segments, deepest loss blob first. A segment ends just above the layer that last wrote the
+            # next loss blob, so that blob's diff then holds what flows back from the deeper layers (written by its
+            # reader's backward, or by the Split Caffe inserts when it has several), and the loss gradient is added
+            # to it (or replaces it, when no layer in use reads the blob). The next segment starts AT that last
+            # writer: for conv4_2 that is relu4_2, whose in-place output is the feature the loss sees, so Caffe's own
+            # ReLU backward masks the injected gradient (the original masked it by hand, grad * (F > 0), and started
+            # at the convolution; the result is the same).
+            current = plan.end
+            for index, blobs in plan.groups:
+                if current > index:
+                    cnet.backward(start=names[current], end=names[index + 1])
+                for blob in blobs:
+                    diff = cnet.blobs[blob].diff
+                    if plan.accumulate[blob]:
+                        diff += injected[blob].numpy()
+                    else:
+                        diff[...] = injected[blob].numpy()
+                current = index
+            cnet.backward(start=names[current], end=names[0])
+            grad = np.array(engine._input_blob().diff[0], dtype=np.float32)
         tv = 0.0
         if obj.tv_weight:
-            tv_value, tv_grad = tv_loss_numpy(np.asarray(image, dtype=np.float32))
-            tv = obj.tv_weight * tv_value
-            grad += np.float32(obj.tv_weight) * tv_grad
-        return Evaluation(loss=style + content + tv, grad=grad, style_loss=style, content_loss=content, tv_loss=tv,
-                          layers={k: float(v) for k, v in terms.items()})
+            x = torch.tensor(image, dtype=torch.float32, requires_grad=True)
+            tv_term = obj.tv_weight * tv_loss_torch(x)
+            grad += torch.autograd.grad(tv_term, x)[0].numpy()
+            tv = float(tv_term.detach())
+        return Evaluation.of(terms, tv, grad)

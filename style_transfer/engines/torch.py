@@ -4,16 +4,17 @@ Why the code is shaped as it is (each choice is a `Tuning` switch, measured in B
 forward pass and an input-gradient backward pass, nearly all of it convolution, so the aim is to spend as little
 time as the convolutions allow, and nothing elsewhere.
 
-- Winograd convolutions (NNPACK, CPU float32) for 3 x 3 stride-1 layers on feature maps of at least 1024 positions:
-  they need about a third of direct convolution's multiplications. Used when such layers carry most of a net's work
-  (VGG) and the net has no max pooling; the activations are then NCHW, as NNPACK requires.
+- Winograd convolutions (NNPACK, CPU float32) for 3 x 3 stride-1 layers on feature maps large enough to repay
+  NNPACK's per-call kernel transform: they need several times fewer multiplications than direct convolution. Used
+  when such layers carry most of a net's work (VGG) and the net has no max pooling; the activations are then NCHW,
+  as NNPACK requires.
 - Otherwise activations are channels-last on the CPU: oneDNN's direct convolutions run at sgemm speed on NHWC and
   well below it on NCHW, especially for the wide, shallow early layers.
 - The style and content terms are differentiated by hand (losses.terms_and_feature_grads) and the gradients are
   injected into autograd at the feature blobs: one matrix product per style layer instead of autograd's two, and no
   graph through the Gram matrices.
-- Freed activations are kept by the C allocator instead of being returned to the kernel (glibc only): otherwise each
-  evaluation maps hundreds of megabytes afresh and pays a page fault per 4 KiB.
+- Freed activations are kept by the C allocator instead of being returned to the kernel (glibc only, engines/cpu.py):
+  otherwise each evaluation maps its activations afresh and pays a page fault per page.
 - ReLUs run in place (a convolution's input gradient needs its weights, not its output): less memory.
 - Across-channel LRN is a 1 x 1 convolution with a banded matrix instead of torch's 5-D pooling.
 - On CUDA: cuDNN autotuning, TF32 convolutions, and opt-in bf16/fp16 autocast with float32 Gram matrices.
@@ -22,22 +23,18 @@ time as the convolutions allow, and nothing elsewhere.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import os
-import platform
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, pool_geometry
+from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, lrn_size, pool_geometry
 from style_transfer.caffe_model.net import Net
 from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator
+from style_transfer.engines.cpu import keep_freed_memory, use_physical_cores
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import (
     Objective,
@@ -153,9 +150,7 @@ def _pooling(op: _Op) -> Run:
 
 def _lrn(op: _Op) -> Run:
     lp = op.layer.params
-    size, alpha, beta, k = int(lp.local_size), float(lp.alpha), float(lp.beta), float(lp.k)
-    if size % 2 == 0:
-        raise ModelError(f"layer {op.layer.name!r}: LRN local_size must be odd, got {size}")
+    size, alpha, beta, k = lrn_size(op.layer), float(lp.alpha), float(lp.beta), float(lp.k)
     if lp.norm_region == 0:
         return _across_channels_lrn(size, alpha, beta, k)
 
@@ -200,11 +195,9 @@ class TorchEngine(Engine):
         self.tuning = tuning or Tuning()
         cpu = self.torch_device.type == "cpu"
         if cpu and self.tuning.physical_core_threads:
-            _use_physical_cores()
+            use_physical_cores()
         if cpu and self.tuning.keep_freed_memory:
-            _keep_freed_memory()
-        # Winograd convolutions (NNPACK, float32 on the CPU, NCHW only) do about a third of the multiplications of
-        # direct ones for 3 x 3 kernels; they are used where they apply when they carry most of the net's work.
+            keep_freed_memory()
         wino_layers: set[str] = set()
         plain_fp32_cpu = cpu and dtype == torch.float32 and precision == "fp32"
         override = None if pooling == "file" else pooling
@@ -212,7 +205,7 @@ class TorchEngine(Engine):
             wino_layers = _winograd_layers(net, override, forced=bool(self.tuning.winograd))
         cl = self.tuning.channels_last
         if cl is None:
-            # On the CPU oneDNN's float32 kernels want NHWC (measured); on CUDA NHWC pays off with tensor cores,
+            # On the CPU oneDNN's float32 kernels want NHWC (BENCHMARKS.md); on CUDA NHWC pays off with tensor cores,
             # which the half precisions use. float64 has no oneDNN kernels, so it stays in the plain layout.
             cl = dtype == torch.float32 and (cpu or precision != "fp32") and not wino_layers
         if cl:
@@ -238,7 +231,7 @@ class TorchEngine(Engine):
             if self.torch_device.type == "cuda":
                 # TF32 (float32's range, a 10-bit mantissa) is PyTorch's default for cuDNN convolutions and is made
                 # explicit here; the Gram matrices are plain matmuls, for which PyTorch keeps TF32 off, so they stay
-                # in full float32. Not measured on a GPU (none was available); parity with float32 is unverified.
+                # in full float32. Speed and parity with float32 on a GPU: BENCHMARKS.md.
                 stack.enter_context(_cudnn_settings(benchmark=True, allow_tf32=True))
             yield
 
@@ -296,7 +289,8 @@ class TorchEvaluator(Evaluator):
         for attempt in range(4):
             with engine._running():
                 feats = engine._forward(engine._input(x), obj.layers)
-            terms, roots, grads = terms_and_feature_grads(obj, self.targets, feats, engine.dtype)
+            terms, feature_grads = terms_and_feature_grads(obj, self.targets, feats, engine.dtype)
+            roots, grads = [feats[b] for b in feature_grads], list(feature_grads.values())
             del feats
             tv = torch.zeros((), dtype=engine.dtype, device=x.device)
             if obj.tv_weight:
@@ -315,11 +309,7 @@ class TorchEvaluator(Evaluator):
             scale /= 256.0
         if scale != 1.0:
             grad = grad / scale
-        style = sum((v for k, v in terms.items() if k.startswith("style:")), 0.0)
-        content = sum((v for k, v in terms.items() if k.startswith("content:")), 0.0)
-        tv_value = float(tv.detach())
-        return Evaluation(loss=style + content + tv_value, grad=_numpy(grad, engine.dtype), style_loss=style,
-                          content_loss=content, tv_loss=tv_value, layers=terms)
+        return Evaluation.of(terms, float(tv.detach()), _numpy(grad, engine.dtype))
 
     def _evaluate_autograd(self, image: np.ndarray) -> Evaluation:
         """The plain formulation: the losses as torch expressions, everything differentiated by autograd."""
@@ -329,24 +319,18 @@ class TorchEvaluator(Evaluator):
         with engine._running():
             feats = {k: v[0] for k, v in engine._forward(engine._input(x), obj.layers).items()}
         terms = weighted_terms_torch(obj, self.targets, feats, engine.dtype)
-        zero = torch.zeros((), dtype=engine.dtype, device=x.device)
-        style = sum((v for k, v in terms.items() if k.startswith("style:")), zero)
-        content = sum((v for k, v in terms.items() if k.startswith("content:")), zero)
-        tv = obj.tv_weight * tv_loss_torch(x) if obj.tv_weight else zero
-        total = style + content + tv
-        (grad,) = torch.autograd.grad(total, x)
+        tv = obj.tv_weight * tv_loss_torch(x) if obj.tv_weight else torch.zeros((), dtype=engine.dtype, device=x.device)
+        (grad,) = torch.autograd.grad(sum(terms.values(), tv), x)
         values = {k: float(v.detach()) for k, v in terms.items()}
-        return Evaluation(loss=float(total.detach()), grad=_numpy(grad, engine.dtype),
-                          style_loss=float(style.detach()), content_loss=float(content.detach()),
-                          tv_loss=float(tv.detach()), layers=values)
+        return Evaluation.of(values, float(tv.detach()), _numpy(grad, engine.dtype))
 
 
 def _across_channels_lrn(size: int, alpha: float, beta: float, k: float) -> Run:
     """Caffe's ACROSS_CHANNELS LRN, x / (k + alpha / size * sum of x^2 over `size` neighbouring channels)^beta.
 
     The window sum is a 1 x 1 convolution with a banded 0/1 matrix: a small matrix product that runs at full speed
-    in either memory layout, where torch's local_response_norm goes through a 5-D average pooling that took 40% of
-    a GoogLeNet evaluation.
+    in either memory layout, where torch's local_response_norm goes through a 5-D average pooling that took a large
+    share of a GoogLeNet evaluation (BENCHMARKS.md).
     """
     bands: dict[tuple[int, torch.dtype, torch.device, bool], torch.Tensor] = {}
     half = (size - 1) // 2
@@ -389,8 +373,7 @@ def _last_needed(ops: list[_Op], wanted: set[str]) -> int:
 
 
 # NNPACK transforms the whole kernel (C_in x C_out x 8 x 8) on every call, a cost that does not shrink with the
-# image: on small feature maps direct convolution wins. Forward plus backward break even between 768 (512 channels)
-# and 1280 (64 channels) positions on this AVX2 CPU; at 3072 Winograd takes half the time.
+# image: on small feature maps direct convolution wins (the break-even sizes are in BENCHMARKS.md).
 _WINOGRAD_MIN_PIXELS = 1024
 
 
@@ -418,11 +401,11 @@ def _winograd_layers(net: Net, pooling: str | None, forced: bool = False) -> set
     """The convolutions NNPACK's Winograd path serves (3 x 3, stride and dilation 1, one group), if they carry at
     least three quarters of the net's convolution work; otherwise none. The rest of such a net runs in NCHW, where
     oneDNN's direct convolutions are slower than in NHWC, so a net needs most of its work in Winograd layers to
-    gain: VGG (all of it) does, GoogLeNet (62%, mostly at small sizes) measured even, CaffeNet (23%) does not.
+    gain: VGG (all of it) does, GoogLeNet and CaffeNet do not (BENCHMARKS.md).
 
     Unless `forced`, nets with max pooling keep direct convolutions: their gradient follows each window's argmax,
-    and Winograd's rounding (about 1e-6 of a feature's norm, ten times direct convolution's) moves near-ties often
-    enough to put the gradient 0.6% (norm) away from Caffe's on random-weight VGG16, against 0.1% allowed.
+    and Winograd's larger rounding error moves near-ties often enough to put the gradient outside the parity
+    tolerance with Caffe's on VGG16 (BENCHMARKS.md).
     """
     if not forced and any(pool_geometry(layer, pooling).method == "max" for layer in net.layers
                           if layer.type == "Pooling"):
@@ -465,54 +448,3 @@ def _cudnn_settings(benchmark: bool, allow_tf32: bool) -> Iterator[None]:
         yield
     finally:
         cudnn.benchmark, cudnn.allow_tf32 = saved
-
-
-_tuned: set[str] = set()
-
-
-def physical_cores() -> int | None:
-    """Physical cores among the CPUs this process may run on (Linux); None where the topology is unknown."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        return None
-    groups = set()
-    for cpu in cpus:
-        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
-        try:
-            groups.add(path.read_text().strip())
-        except OSError:
-            return None
-    return len(groups) or None
-
-
-def _use_physical_cores() -> None:
-    """One intra-op thread per physical core: a second hardware thread on the same core adds contention for the
-    FMA units without adding throughput. An explicit OMP_NUM_THREADS (or torch.set_num_threads) wins."""
-    if "threads" in _tuned or os.environ.get("OMP_NUM_THREADS"):
-        return
-    _tuned.add("threads")
-    cores = physical_cores()
-    if cores and torch.get_num_threads() > cores:
-        torch.set_num_threads(cores)
-
-
-def _keep_freed_memory() -> None:
-    """Make glibc keep freed blocks for reuse instead of unmapping them (process-wide, once).
-
-    Activations of a few tens of megabytes are above glibc's mmap threshold, so each evaluation would map them
-    anew and fault in every page (about 0.2 s of kernel time per 512-px VGG19 evaluation); from the second
-    evaluation on, the same sizes are reused from the heap. The cost is a heap that does not shrink.
-    """
-    if "malloc" in _tuned:
-        return
-    _tuned.add("malloc")
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
