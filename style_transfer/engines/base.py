@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,7 +12,15 @@ import numpy as np
 from style_transfer.caffe_model.net import Net
 
 if TYPE_CHECKING:  # the CLI imports this module before torch loads (see style_transfer/openmp.py)
+    import torch
+
     from style_transfer.losses import Objective
+
+# Blob values (1 x C x H x W tensors) -> (named loss terms, gradient of their sum with respect to some of the blobs,
+# same shapes). What `Engine.vjp` injects into the net's backward pass.
+FeatureGrads = Callable[["dict[str, torch.Tensor]"], "tuple[dict[str, float], dict[str, torch.Tensor]]"]
+# A scalar function of the 3 x H x W input tensor whose gradient is added to the input gradient (total variation).
+InputTerm = Callable[["torch.Tensor"], "torch.Tensor"]
 
 # Arithmetic of the torch engine's convolutions: float32, or bfloat16/float16 autocast with Gram matrices in float32.
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -65,3 +73,14 @@ class Engine(ABC):
     @abstractmethod
     def bind(self, objective: Objective) -> Evaluator:
         """An evaluator of `objective` on this engine."""
+
+    @abstractmethod
+    def vjp(self, image: np.ndarray, blobs: Sequence[str], fn: FeatureGrads,
+            input_term: InputTerm | None = None) -> tuple[dict[str, float], float, np.ndarray]:
+        """Forward a preprocessed 3 x H x W image to `blobs`, let `fn` turn their values into loss terms and feature
+        gradients, and backpropagate those gradients to the input: returns (`fn`'s terms, the value of
+        `input_term`, or 0, and the float32 3 x H x W input gradient, `input_term`'s included).
+
+        `fn` sees each blob as a 1 x C x H x W tensor in the engine's memory layout, valid only during the call (the
+        Caffe engine's are views of its blobs), and must not write to them. Every evaluator is built on this, and
+        so is the tiled evaluation (tiling.py), which injects the gradients of a tile's interior positions only."""

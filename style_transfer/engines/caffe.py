@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from style_transfer.caffe_model.net import Net
-from style_transfer.engines.base import Engine, Evaluation, Evaluator
+from style_transfer.engines.base import Engine, Evaluation, Evaluator, FeatureGrads, InputTerm
 from style_transfer.engines.caffe_deploy import check_net, check_size, deploy_prototxt, input_layer_name
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import Objective, TorchTargets, terms_and_feature_grads, tv_loss_torch
@@ -301,29 +301,18 @@ class CaffeEngine(Engine):
         return plan
 
 
-class CaffeEvaluator(Evaluator):
-    """An objective on the Caffe engine: Caffe runs the net, losses.py gives the terms and their feature gradients
-    (the torch engine's functions, reading Caffe's blobs without a copy), and Caffe's backward takes those to the
-    input. The net and its blobs are the engine's; each evaluation writes every blob it reads before reading it."""
-
-    def __init__(self, engine: CaffeEngine, objective: Objective) -> None:
-        self.engine = engine
-        self.objective = objective
-        self.targets = TorchTargets.of(objective, lambda a: torch.from_numpy(np.array(a, dtype=np.float32)),
-                                       torch.contiguous_format)
-
-    def evaluate(self, image: np.ndarray) -> Evaluation:
-        engine, obj = self.engine, self.objective
-        cnet = engine._net_for(image)
-        assert engine._topology is not None
+    def vjp(self, image: np.ndarray, blobs: Sequence[str], fn: FeatureGrads,
+            input_term: InputTerm | None = None) -> tuple[dict[str, float], float, np.ndarray]:
+        cnet = self._net_for(image)
+        assert self._topology is not None
         terms: dict[str, float] = {}
         grad = np.zeros(image.shape, np.float32)
-        if obj.layers:
-            names = engine._topology.layer_names
-            plan = engine._plan(tuple(obj.layers))
+        if blobs:
+            names = self._topology.layer_names
+            plan = self._plan(tuple(blobs))
             cnet.forward(end=names[plan.end])
-            feats = {b: torch.from_numpy(cnet.blobs[b].data) for b in obj.layers}
-            terms, injected = terms_and_feature_grads(obj, self.targets, feats, torch.float32)
+            feats = {b: torch.from_numpy(cnet.blobs[b].data) for b in blobs}
+            terms, injected = fn(feats)
             # Caffe's backward overwrites each bottom diff, so a diff is fresh only if a layer in use reads the blob;
             # the others still hold the last evaluation's values and must not leak into this one.
             for blob in plan.dangling:
@@ -336,22 +325,45 @@ class CaffeEvaluator(Evaluator):
             # ReLU backward masks the injected gradient (the original masked it by hand, grad * (F > 0), and started
             # at the convolution; the result is the same).
             current = plan.end
-            for index, blobs in plan.groups:
+            for index, group in plan.groups:
                 if current > index:
                     cnet.backward(start=names[current], end=names[index + 1])
-                for blob in blobs:
+                for blob in group:
                     diff = cnet.blobs[blob].diff
-                    if plan.accumulate[blob]:
+                    # A blob `fn` gives no gradient gets none of its own (what flows back through it stays).
+                    if blob not in injected:
+                        if not plan.accumulate[blob]:
+                            diff[...] = 0
+                    elif plan.accumulate[blob]:
                         diff += injected[blob].numpy()
                     else:
                         diff[...] = injected[blob].numpy()
                 current = index
             cnet.backward(start=names[current], end=names[0])
-            grad = np.array(engine._input_blob().diff[0], dtype=np.float32)
-        tv = 0.0
-        if obj.tv_weight:
+            grad = np.array(self._input_blob().diff[0], dtype=np.float32)
+        value = 0.0
+        if input_term is not None:
             x = torch.tensor(image, dtype=torch.float32, requires_grad=True)
-            tv_term = obj.tv_weight * tv_loss_torch(x)
-            grad += torch.autograd.grad(tv_term, x)[0].numpy()
-            tv = float(tv_term.detach())
-        return Evaluation.of(terms, tv, grad)
+            term = input_term(x)
+            grad += torch.autograd.grad(term, x)[0].numpy()
+            value = float(term.detach())
+        return terms, value, grad
+
+
+class CaffeEvaluator(Evaluator):
+    """An objective on the Caffe engine: Caffe runs the net, losses.py gives the terms and their feature gradients
+    (the torch engine's functions, reading Caffe's blobs without a copy), and Caffe's backward takes those to the
+    input. The net and its blobs are the engine's; each evaluation writes every blob it reads before reading it."""
+
+    def __init__(self, engine: CaffeEngine, objective: Objective) -> None:
+        self.engine = engine
+        self.objective = objective
+        self.targets = TorchTargets.of(objective, lambda a: torch.from_numpy(np.array(a, dtype=np.float32)),
+                                       torch.contiguous_format)
+
+    def evaluate(self, image: np.ndarray) -> Evaluation:
+        obj = self.objective
+        tv = (lambda x: obj.tv_weight * tv_loss_torch(x)) if obj.tv_weight else None
+        terms, tv_value, grad = self.engine.vjp(
+            image, obj.layers, lambda feats: terms_and_feature_grads(obj, self.targets, feats, torch.float32), tv)
+        return Evaluation.of(terms, tv_value, grad)

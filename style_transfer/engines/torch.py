@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, lrn_size, pool_geometry
 from style_transfer.caffe_model.net import Net
-from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator
+from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator, FeatureGrads, InputTerm
 from style_transfer.engines.cpu import keep_freed_memory, use_physical_cores
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import (
@@ -269,6 +269,36 @@ class TorchEngine(Engine):
     def bind(self, objective: Objective) -> TorchEvaluator:
         return TorchEvaluator(self, objective)
 
+    def vjp(self, image: np.ndarray, blobs: Sequence[str], fn: FeatureGrads,
+            input_term: InputTerm | None = None) -> tuple[dict[str, float], float, np.ndarray]:
+        x = self._tensor(image)
+        x.requires_grad_(True)
+        scale = 1.0
+        for attempt in range(4):
+            with self._running():
+                feats = self._forward(self._input(x), blobs)
+            terms, feature_grads = fn(feats)
+            roots, grads = [feats[b] for b in feature_grads], list(feature_grads.values())
+            del feats
+            extra = torch.zeros((), dtype=self.dtype, device=x.device)
+            if input_term is not None:
+                extra = input_term(x)
+                roots.append(extra)
+                grads.append(torch.ones((), dtype=extra.dtype, device=extra.device))
+            if self.precision == "fp16":
+                # float16 overflows at 65504: the injected gradients are scaled by a power of two to a largest
+                # magnitude of 2^(10 - 8 * attempt), leaving headroom for growth through the backward pass.
+                if attempt == 0:
+                    scale = _power_of_two_scale(grads, 2.0**10)
+                grads = [g * scale for g in grads]
+            (grad,) = torch.autograd.grad(roots, x, [g.to(r.dtype) for r, g in zip(roots, grads, strict=True)])
+            if self.precision != "fp16" or bool(torch.isfinite(grad).all()):
+                break
+            scale /= 256.0
+        if scale != 1.0:
+            grad = grad / scale
+        return terms, float(extra.detach()), _numpy(grad, self.dtype)
+
 
 class TorchEvaluator(Evaluator):
     """An objective on the torch engine: the net runs forward, losses.py gives the terms and their feature
@@ -283,33 +313,10 @@ class TorchEvaluator(Evaluator):
         engine, obj = self.engine, self.objective
         if not engine.tuning.manual_loss_grad:
             return self._evaluate_autograd(image)
-        x = engine._tensor(image)
-        x.requires_grad_(True)
-        scale = 1.0
-        for attempt in range(4):
-            with engine._running():
-                feats = engine._forward(engine._input(x), obj.layers)
-            terms, feature_grads = terms_and_feature_grads(obj, self.targets, feats, engine.dtype)
-            roots, grads = [feats[b] for b in feature_grads], list(feature_grads.values())
-            del feats
-            tv = torch.zeros((), dtype=engine.dtype, device=x.device)
-            if obj.tv_weight:
-                tv = obj.tv_weight * tv_loss_torch(x)
-                roots.append(tv)
-                grads.append(torch.ones((), dtype=tv.dtype, device=tv.device))
-            if engine.precision == "fp16":
-                # float16 overflows at 65504: the injected gradients are scaled by a power of two to a largest
-                # magnitude of 2^(10 - 8 * attempt), leaving headroom for growth through the backward pass.
-                if attempt == 0:
-                    scale = _power_of_two_scale(grads, 2.0**10)
-                grads = [g * scale for g in grads]
-            (grad,) = torch.autograd.grad(roots, x, [g.to(r.dtype) for r, g in zip(roots, grads, strict=True)])
-            if engine.precision != "fp16" or bool(torch.isfinite(grad).all()):
-                break
-            scale /= 256.0
-        if scale != 1.0:
-            grad = grad / scale
-        return Evaluation.of(terms, float(tv.detach()), _numpy(grad, engine.dtype))
+        tv = (lambda x: obj.tv_weight * tv_loss_torch(x)) if obj.tv_weight else None
+        terms, tv_value, grad = engine.vjp(
+            image, obj.layers, lambda feats: terms_and_feature_grads(obj, self.targets, feats, engine.dtype), tv)
+        return Evaluation.of(terms, tv_value, grad)
 
     def _evaluate_autograd(self, image: np.ndarray) -> Evaluation:
         """The plain formulation: the losses as torch expressions, everything differentiated by autograd."""
