@@ -110,6 +110,18 @@ def weighted_terms_torch(obj: Objective, targets: TorchTargets, feats: dict[str,
     return terms
 
 
+def style_value_and_weight(gram: torch.Tensor, targets: TorchTargets, layer: str, s: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted style term s sum_s b_s sum (G - A_s)^2 of one layer from its Gram matrix G, and the matrix
+    W = 4 s ((sum b) G - sum_s b_s A_s) with dL/dF = W F (F as C x HW). `gram` is overwritten by W. The Gram matrix
+    may be a sum over parts of the positions (tiling.py): the gradient at any position needs only the whole G."""
+    diff = gram.unsqueeze(0) - targets.style[layer]
+    per_style = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2
+    value = (per_style * targets.blend).sum() * s
+    weighted = gram.mul_(targets.blend_sum).sub_(targets.style_mean[layer]).mul_(4.0 * s)
+    return value, weighted
+
+
 def terms_and_feature_grads(obj: Objective, targets: TorchTargets, feats: dict[str, torch.Tensor],
                             dtype: torch.dtype) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Each weighted term's value, and the gradient of the style and content terms with respect to each feature
@@ -132,10 +144,7 @@ def terms_and_feature_grads(obj: Objective, targets: TorchTargets, feats: dict[s
             # NHWC memory is an HW x C matrix: G = F^T F and dL/dF = F (4 s (G - A)) need no transposed copy.
             fm = f.permute(0, 2, 3, 1).reshape(n * h * wd, c) if nhwc else f.reshape(c, h * wd)
             gram = torch.mm(fm.t(), fm) if nhwc else torch.mm(fm, fm.t())
-            diff = gram.unsqueeze(0) - targets.style[layer]
-            per_style = torch.linalg.vector_norm(diff, dim=(1, 2)) ** 2
-            values[f"style:{layer}"] = (per_style * targets.blend).sum() * s
-            weighted = gram.mul_(targets.blend_sum).sub_(targets.style_mean[layer]).mul_(4.0 * s)
+            values[f"style:{layer}"], weighted = style_value_and_weight(gram, targets, layer, s)
             if nhwc:
                 grads[layer] = torch.mm(fm, weighted).reshape(n, h, wd, c).permute(0, 3, 1, 2)
             else:

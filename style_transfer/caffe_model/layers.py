@@ -45,6 +45,19 @@ class PoolGeometry:
     global_pooling: bool
 
 
+@dataclass(frozen=True)
+class Window:
+    """How a layer reads its input along one axis: output i reads inputs i * stride - pad .. i * stride - pad +
+    extent - 1 (positions outside the input are padding)."""
+
+    extent: int
+    stride: int
+    pad: int
+
+
+POINTWISE = Window(1, 1, 0)
+
+
 def fmt_shape(shape: Iterable[int]) -> str:
     return "x".join(str(d) for d in shape)
 
@@ -151,6 +164,39 @@ def pool_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- window rules
+# Each gives a spatial layer's (height, width) windows; layers without a rule read each position at the same place.
+
+
+def _conv_windows(layer: Layer, pooling: str | None) -> tuple[Window, Window]:
+    g = conv_geometry(layer)
+    return (Window(g.dilation[0] * (g.kernel[0] - 1) + 1, g.stride[0], g.pad[0]),
+            Window(g.dilation[1] * (g.kernel[1] - 1) + 1, g.stride[1], g.pad[1]))
+
+
+def _pool_windows(layer: Layer, pooling: str | None) -> tuple[Window, Window]:
+    p = pool_geometry(layer, pooling)
+    if p.global_pooling:
+        raise ModelError(f"layer {layer.name!r} pools globally: each output reads the whole input, so the net cannot "
+                         "be evaluated in tiles")
+    return Window(p.kernel[0], p.stride[0], p.pad[0]), Window(p.kernel[1], p.stride[1], p.pad[1])
+
+
+def _lrn_windows(layer: Layer, pooling: str | None) -> tuple[Window, Window]:
+    size = lrn_size(layer)
+    if layer.params is None or layer.params.norm_region == 0:  # across channels: no spatial extent
+        return POINTWISE, POINTWISE
+    return Window(size, 1, (size - 1) // 2), Window(size, 1, (size - 1) // 2)
+
+
+def windows(layer: Layer, pooling: str | None = None) -> tuple[Window, Window]:
+    """The layer's (height, width) windows, from the table."""
+    kind = LAYER_TYPES.get(layer.type)
+    if kind is None or not kind.runs:
+        raise ModelError(f"layer {layer.name!r} has type {layer.type!r}, which this tool cannot run")
+    return kind.window(layer, pooling) if kind.window is not None else (POINTWISE, POINTWISE)
+
+
 # ----------------------------------------------------------------------------------------------- shape rules
 # Each gives the output shapes (N, C, H, W) of a layer from its input shapes and the pooling override.
 
@@ -214,13 +260,15 @@ class LayerType:
     in_place: bool = False  # Caffe computes it correctly with its output over its input
     bottoms: tuple[int, int | None] = (1, 1)  # fewest and most input blobs (None: any number)
     tops: tuple[int, int | None] = (1, 1)  # fewest and most output blobs
+    # Its spatial windows (tiling.py); None: each output position reads the same position of each input.
+    window: Callable[[Layer, str | None], tuple[Window, Window]] | None = None
 
 
 LAYER_TYPES: dict[str, LayerType] = {
-    "Convolution": LayerType("convolution_param", "CONVOLUTION", True, _convolution),
+    "Convolution": LayerType("convolution_param", "CONVOLUTION", True, _convolution, window=_conv_windows),
     "ReLU": LayerType("relu_param", "RELU", True, _same, in_place=True),
-    "Pooling": LayerType("pooling_param", "POOLING", True, _pooling),
-    "LRN": LayerType("lrn_param", "LRN", True, _lrn),
+    "Pooling": LayerType("pooling_param", "POOLING", True, _pooling, window=_pool_windows),
+    "LRN": LayerType("lrn_param", "LRN", True, _lrn, window=_lrn_windows),
     "Concat": LayerType("concat_param", "CONCAT", True, _concat, bottoms=(1, None)),
     "Dropout": LayerType("dropout_param", "DROPOUT", True, _same, in_place=True),
     "Split": LayerType(None, "SPLIT", True, _same, tops=(1, None)),

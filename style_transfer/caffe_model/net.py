@@ -8,7 +8,15 @@ from typing import Protocol
 
 import numpy as np
 
-from style_transfer.caffe_model.layers import LAYER_TYPES, RUNNABLE, Layer, arity_problem, conv_geometry, fmt_shape
+from style_transfer.caffe_model.layers import (
+    LAYER_TYPES,
+    RUNNABLE,
+    Layer,
+    arity_problem,
+    conv_geometry,
+    fmt_shape,
+    windows,
+)
 from style_transfer.errors import ModelError
 
 
@@ -60,6 +68,38 @@ def infer_shapes(net: Net, input_shape: tuple[int, int, int, int], pooling: str 
                                  "for this net")
             shapes[top] = shape
     return shapes
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Where a blob's positions look in the input, per axis (height, width): position j depends on input positions
+    lo + j * stride .. hi + j * stride at most (padding included), and on nothing else."""
+
+    stride: tuple[int, int]
+    lo: tuple[int, int]
+    hi: tuple[int, int]
+
+
+def reaches(net: Net, pooling: str | None = None) -> dict[str, Reach]:
+    """Each blob's Reach, composed layer by layer from the table's windows (a layer with window extent k, stride s
+    and pad p over an input of stride S widens the reach by (k - 1) S and moves its start by -p S)."""
+    out: dict[str, Reach] = {net.input_name: Reach((1, 1), (0, 0), (0, 0))}
+    for layer in net.layers:
+        ins = [out[b] for b in layer.bottoms if b in out]
+        if len(ins) != len(layer.bottoms):
+            raise ModelError(f"layer {layer.name!r} reads a blob no earlier layer makes")
+        if len({r.stride for r in ins}) != 1:
+            raise ModelError(f"layer {layer.name!r} joins blobs of different strides; the net cannot be tiled")
+        stride, lo, hi = ins[0].stride, [min(r.lo[a] for r in ins) for a in (0, 1)], \
+            [max(r.hi[a] for r in ins) for a in (0, 1)]
+        ws = windows(layer, pooling)
+        reach = Reach(
+            (stride[0] * ws[0].stride, stride[1] * ws[1].stride),
+            (lo[0] - ws[0].pad * stride[0], lo[1] - ws[1].pad * stride[1]),
+            (hi[0] + (ws[0].extent - 1 - ws[0].pad) * stride[0], hi[1] + (ws[1].extent - 1 - ws[1].pad) * stride[1]))
+        for top in layer.tops:
+            out[top] = reach
+    return out
 
 
 def truncate(net: Net, blobs: Iterable[str]) -> Net:

@@ -1,0 +1,344 @@
+"""Exact tiled evaluation: the objective of an image too big for memory, computed tile by tile, equal to the untiled
+objective up to float rounding. It sits above the engines and uses only `Engine.features` and `Engine.vjp`.
+
+The objective is a sum over feature positions: each Gram matrix G = sum over positions of f f^T, the style
+gradient at a position is W f with W = 4 s ((sum b) G - sum_s b_s A_s), which needs the whole G and nothing else
+global, and the content term is local. So one evaluation takes two passes over the tiles:
+
+1. forward each tile and add its interior positions' f f^T to G (and their content terms to the loss);
+2. forward and backward each tile again, injecting the gradients of its interior positions only, and add the tile's
+   input gradient into the full gradient.
+
+A tile is a core (its share of the image) and a halo around it. Each blob position belongs to the one core holding
+its anchor (position j of a blob of stride S at input row j S); the halo is wide enough that every input position a
+core's positions depend on lies in the tile or in padding at the true image border (caffe_model/net.py `reaches`).
+Tile origins are multiples of the net's total stride, so every layer's windows, Caffe's ceil-mode edges included,
+fall where they fall untiled; a tile's own edge pads only where it is the image's edge, and the positions whose
+windows would read the tile's artificial padding are never interior.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from style_transfer.caffe_model.net import Net, Reach, infer_shapes, reaches
+from style_transfer.engines.base import Engine, Evaluation, Evaluator
+from style_transfer.errors import ModelError, StyleTransferError
+from style_transfer.losses import Objective, TorchTargets, style_scale, style_value_and_weight, tv_loss_torch
+
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class Span:
+    """One tile along one axis: its core [core_start, core_end) and its input [start, end), in image positions."""
+
+    core_start: int
+    core_end: int
+    start: int
+    end: int
+    last: bool  # the core reaches the image's far edge
+
+
+@dataclass(frozen=True)
+class Tile:
+    rows: Span
+    cols: Span
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(image[:, self.rows.start:self.rows.end, self.cols.start:self.cols.end])
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How an image of `height` x `width` is cut into tiles for the blobs in `blobs`."""
+
+    height: int
+    width: int
+    rows: tuple[Span, ...]
+    cols: tuple[Span, ...]
+    halo: int  # the widest halo, in input pixels
+    reach: dict[str, Reach]
+    shapes: dict[str, tuple[int, ...]]  # each blob's untiled shape, 1 x C x H x W
+
+    @property
+    def tiles(self) -> Iterator[Tile]:
+        for rows in self.rows:
+            for cols in self.cols:
+                yield Tile(rows, cols)
+
+    @property
+    def count(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    @property
+    def tile_size(self) -> tuple[int, int]:
+        """The largest tile's input size (height, width)."""
+        return max(s.end - s.start for s in self.rows), max(s.end - s.start for s in self.cols)
+
+    def summary(self) -> dict[str, Any]:
+        """What the report and `-v` say about the tiling."""
+        return {"tiles": self.count, "tile": list(self.tile_size), "halo": self.halo}
+
+    def interior(self, tile: Tile, blob: str) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """The tile's interior positions of `blob`: (rows, cols) in the tile's blob, and the same in the whole
+        image's blob."""
+        reach = self.reach[blob]
+        _n, _c, h, w = self.shapes[blob]
+        local, whole = [], []
+        for axis, span, size in ((0, tile.rows, h), (1, tile.cols, w)):
+            stride = reach.stride[axis]
+            first = span.core_start // stride
+            stop = size if span.last else span.core_end // stride
+            stop = max(first, stop)
+            origin = span.start // stride
+            local.append(slice(first - origin, stop - origin))
+            whole.append(slice(first, stop))
+        return (local[0], local[1]), (whole[0], whole[1])
+
+
+def _spans(size: int, core: int, halo_lo: int, halo_hi: int) -> tuple[Span, ...]:
+    starts = list(range(0, size, core))
+    spans = []
+    for i, start in enumerate(starts):
+        end = min(size, start + core)
+        last = i == len(starts) - 1
+        spans.append(Span(start, end, max(0, start - halo_lo), size if last else min(size, end + halo_hi), last))
+    return tuple(spans)
+
+
+def alignment(reach: dict[str, Reach]) -> tuple[int, int]:
+    """The stride tile origins are multiples of: the least common multiple of every blob's stride, per axis."""
+    return (math.lcm(*(r.stride[0] for r in reach.values())), math.lcm(*(r.stride[1] for r in reach.values())))
+
+
+def halos(reach: dict[str, Reach], blobs: Sequence[str], align: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """Per axis (before, after): how far a tile reaches beyond its core. The leading halo is rounded up to the
+    alignment so that tile origins stay aligned."""
+    out = []
+    for axis in (0, 1):
+        before = max(max(0, -reach[b].lo[axis]) for b in blobs)
+        after = max(max(0, reach[b].hi[axis] - reach[b].stride[axis] + 1) for b in blobs)
+        out.append((-(-before // align[axis]) * align[axis], after))
+    return tuple(out)
+
+
+def plan_tiles(net: Net, pooling: str | None, height: int, width: int, blobs: Sequence[str],
+               core: tuple[int, int]) -> TilePlan:
+    """Tiles whose cores are `core` (rounded up to the alignment) for an image of `height` x `width`."""
+    reach = reaches(net, pooling)
+    align = alignment(reach)
+    (lo_h, hi_h), (lo_w, hi_w) = halos(reach, blobs, align)
+    core_h = max(align[0], -(-core[0] // align[0]) * align[0])
+    core_w = max(align[1], -(-core[1] // align[1]) * align[1])
+    rows, cols = _spans(height, core_h, lo_h, hi_h), _spans(width, core_w, lo_w, hi_w)
+    # A small last core is merged into the one before when its tile would be too small for the net.
+    rows, cols = _fit(net, pooling, rows, width), _fit(net, pooling, cols, height, axis=1)
+    shapes = infer_shapes(net, (1, 3, height, width), pooling)
+    return TilePlan(height, width, rows, cols, max(lo_h, hi_h, lo_w, hi_w), reach,
+                    {b: shapes[b] for b in blobs})
+
+
+def _fit(net: Net, pooling: str | None, spans: tuple[Span, ...], other: int, axis: int = 0) -> tuple[Span, ...]:
+    spans_list = list(spans)
+    while len(spans_list) > 1:
+        size = spans_list[-1].end - spans_list[-1].start
+        try:
+            infer_shapes(net, (1, 3, size, other) if axis == 0 else (1, 3, other, size), pooling)
+            break
+        except ModelError:
+            a, b = spans_list[-2], spans_list.pop()
+            spans_list[-1] = Span(a.core_start, b.core_end, a.start, b.end, True)
+    return tuple(spans_list)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+# Peak bytes of one evaluation per byte of the blobs' float32 values: the activations autograd keeps, the gradients
+# flowing back beside them, pooling indices and the allocator's slack. An estimate; BENCHMARKS.md checks it.
+ACTIVATION_FACTOR = 5.0
+
+
+def evaluation_bytes(net: Net, pooling: str | None, height: int, width: int) -> int:
+    """Estimated peak memory of one evaluation of an image of this size."""
+    shapes = infer_shapes(net, (1, 3, height, width), pooling)
+    return int(ACTIVATION_FACTOR * 4 * sum(math.prod(s) for s in shapes.values()))
+
+
+def run_bytes(net: Net, height: int, width: int, lbfgs_memory: int) -> int:
+    """Memory a run needs beside its evaluations: scipy's L-BFGS-B workspace, (2m + 5) n doubles plus its
+    bookkeeping, the run's own full-size arrays (iterate, gradient, bounds) and the weights."""
+    n = 3 * height * width
+    weights = sum(a.nbytes for arrays in net.weights.values() for a in arrays)
+    return (2 * lbfgs_memory + 5) * n * 8 + 8 * n * 8 + weights
+
+
+def available_bytes(device: str) -> int:
+    """Memory free for a run: free device memory on CUDA, MemAvailable on the CPU."""
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: no limit but the cap
+
+
+def choose_tiles(net: Net, pooling: str | None, height: int, width: int, blobs: Sequence[str], budget: int,
+                 fixed: int = 0, what: str = "") -> TilePlan | None:
+    """None when one evaluation of the whole image fits in `budget` bytes beside `fixed` ones; otherwise the tiles
+    with the largest square cores that fit. A budget too small for the smallest tile is an error naming the
+    smallest workable budget (`what` names where the budget came from, e.g. "--max-memory 2")."""
+    room = budget - fixed
+    if evaluation_bytes(net, pooling, height, width) <= room:
+        return None
+    reach = reaches(net, pooling)
+    align = alignment(reach)
+    (lo_h, hi_h), (lo_w, hi_w) = halos(reach, blobs, align)
+
+    def tile_bytes(k: int) -> int:
+        return evaluation_bytes(net, pooling, min(height, k * align[0] + lo_h + hi_h),
+                                min(width, k * align[1] + lo_w + hi_w))
+
+    if tile_bytes(1) > room:
+        need = (fixed + tile_bytes(1)) / GB
+        need = math.ceil(need * 100) / 100
+        raise StyleTransferError(f"{what or 'the memory available'} is too small for a {width}x{height} image with "
+                                 f"this net: even the smallest tile needs {need:g} GB in all; give --max-memory "
+                                 f"{need:g} or more")
+    lo, hi = 1, max(-(-height // align[0]), -(-width // align[1]))
+    while lo < hi:  # the largest k whose tile fits
+        mid = (lo + hi + 1) // 2
+        if tile_bytes(mid) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return plan_tiles(net, pooling, height, width, blobs, (lo * align[0], lo * align[1]))
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+
+def tiled_features(engine: Engine, image: np.ndarray, blobs: Sequence[str], plan: TilePlan) -> dict[str, np.ndarray]:
+    """Engine.features of the whole image (C x H x W per blob), assembled from each tile's interior."""
+    out = {b: np.empty(plan.shapes[b][1:], np.float32) for b in blobs}
+    for tile in plan.tiles:
+        feats = engine.features(tile.crop(image), blobs)
+        for b in blobs:
+            (lr, lc), (gr, gc) = plan.interior(tile, b)
+            out[b][:, gr, gc] = feats[b][:, lr, lc]
+    return out
+
+
+def tiled_grams(engine: Engine, image: np.ndarray, blobs: Sequence[str], plan: TilePlan) -> dict[str, np.ndarray]:
+    """The Gram matrix F F^T of each blob of the whole image (losses.gram_numpy), summed over the tiles' interiors
+    in float64."""
+    grams: dict[str, np.ndarray] = {}
+    for tile in plan.tiles:
+        feats = engine.features(tile.crop(image), blobs)
+        for b in blobs:
+            (lr, lc), _ = plan.interior(tile, b)
+            f = np.ascontiguousarray(feats[b][:, lr, lc]).reshape(feats[b].shape[0], -1)
+            part = (f @ f.T).astype(np.float64)
+            grams[b] = grams[b] + part if b in grams else part
+    return {b: g.astype(np.float32) for b, g in grams.items()}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+class TiledEvaluator(Evaluator):
+    """An objective evaluated tile by tile on any engine; equal to `engine.bind(objective)` up to rounding."""
+
+    def __init__(self, engine: Engine, objective: Objective, plan: TilePlan) -> None:
+        self.engine, self.objective, self.plan = engine, objective, plan
+        self.blobs = objective.layers
+        missing = [b for b in self.blobs if b not in plan.shapes]
+        if missing:
+            raise ValueError(f"the tile plan does not cover {missing}")
+        # Float64 on the CPU: the Gram matrices are sums over tiles, and W is formed once per evaluation.
+        self.targets = TorchTargets.of(replace(objective, content_targets={}),
+                                       lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64)),
+                                       torch.contiguous_format)
+        self.content = dict(objective.content_targets)
+
+    def evaluate(self, image: np.ndarray) -> Evaluation:
+        obj, plan, engine = self.objective, self.plan, self.engine
+        if tuple(image.shape[1:]) != (plan.height, plan.width):
+            raise ValueError(f"the tile plan is for {plan.height} x {plan.width}, got {image.shape}")
+        style = list(obj.style_weights)
+        grams = {b: torch.zeros((plan.shapes[b][1],) * 2, dtype=torch.float64) for b in style}
+        content = dict.fromkeys(obj.content_weights, 0.0)
+        # Pass 1: the Gram matrices and the content terms.
+        for tile in plan.tiles:
+            feats = engine.features(tile.crop(image), self.blobs)
+            for b in style:
+                (lr, lc), _ = plan.interior(tile, b)
+                f = torch.from_numpy(np.ascontiguousarray(feats[b][:, lr, lc])).reshape(feats[b].shape[0], -1)
+                grams[b] += torch.mm(f, f.t()).double()  # one product per tile in the engine's dtype
+            for b, w in obj.content_weights.items():
+                (lr, lc), (gr, gc) = plan.interior(tile, b)
+                diff = (feats[b][:, lr, lc] - self.content[b][:, gr, gc]).astype(np.float64)
+                content[b] += 0.5 * w * float(np.vdot(diff, diff))
+            del feats
+        terms: dict[str, float] = {}
+        weights: dict[str, torch.Tensor] = {}
+        for b in style:
+            s = style_scale(plan.shapes[b][1:]) * obj.ratio * obj.style_weights[b]
+            value, weights[b] = style_value_and_weight(grams[b], self.targets, b, s)
+            terms[f"style:{b}"] = float(value)
+        for b in obj.content_weights:
+            terms[f"content:{b}"] = content[b]
+
+        # Pass 2: each tile's interior feature gradients back to its input.
+        grad: np.ndarray | None = None
+        for tile in plan.tiles:
+            def feature_grads(feats: dict[str, torch.Tensor], tile: Tile = tile
+                              ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+                grads: dict[str, torch.Tensor] = {}
+                with torch.no_grad():
+                    for b in self.blobs:
+                        f = feats[b].detach()
+                        (lr, lc), (gr, gc) = plan.interior(tile, b)
+                        # Half-precision features (autocast) meet their gradients in float32.
+                        dtype = torch.promote_types(f.dtype, torch.float32)
+                        fi = f[0, :, lr, lc].to(dtype)
+                        g = torch.zeros(fi.shape, dtype=dtype, device=f.device)
+                        if b in weights:
+                            c = fi.shape[0]
+                            g += (weights[b].to(f.device, dtype) @ fi.reshape(c, -1)).reshape(fi.shape)
+                        if b in obj.content_weights:
+                            target = torch.from_numpy(np.ascontiguousarray(self.content[b][:, gr, gc]))
+                            g += obj.content_weights[b] * (fi - target.to(f.device, dtype))
+                        full = torch.zeros_like(f)
+                        full[0, :, lr, lc] = g.to(f.dtype)
+                        grads[b] = full
+                return {}, grads
+
+            _terms, _value, tile_grad = engine.vjp(tile.crop(image), self.blobs, feature_grads)
+            if grad is None:  # the engine's dtype: float32, or float64 for gradient checks
+                grad = np.zeros(image.shape, tile_grad.dtype)
+            grad[:, tile.rows.start:tile.rows.end, tile.cols.start:tile.cols.end] += tile_grad
+        assert grad is not None
+        tv = 0.0
+        if obj.tv_weight:
+            x = torch.tensor(image, dtype=torch.float32, requires_grad=True)
+            term = obj.tv_weight * tv_loss_torch(x)
+            grad += torch.autograd.grad(term, x)[0].numpy()
+            tv = float(term.detach())
+        return Evaluation.of(terms, tv, grad)

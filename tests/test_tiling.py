@@ -1,0 +1,195 @@
+"""Tiled evaluation equals untiled evaluation: losses (relative 1e-5), input gradients (relative 1e-4, norm of the
+difference over the norm), style Gram targets and content targets, on the tiny test net and on the four shipped
+prototxts with random weights, both poolings, both engines, at sizes that are not multiples of the stride, with tiny
+tiles so that many tile borders are crossed.
+
+The shipped nets are cut at shallower blobs than their presets (the same layer types, windows and ceil-mode pooling)
+so that a small image holds many tiles beyond the halo and the file stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from style_transfer import images, tiling
+from style_transfer.caffe_model.net import Net, expected_param_shapes, infer_shapes, truncate
+from style_transfer.caffe_model.reader import read_prototxt
+from style_transfer.caffe_model.registry import MODELS
+from style_transfer.engines.base import Engine
+from style_transfer.engines.torch import TorchEngine, Tuning
+from style_transfer.errors import EngineError, StyleTransferError
+from style_transfer.losses import Objective, gram_numpy
+from tests import tinynets
+
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+
+# net -> (style blobs, content blobs, image height, width, tile core)
+CASES: dict[str, tuple[list[str], list[str], int, int, int]] = {
+    "tiny": (["conv1", "conv2"], ["conv3"], 37, 45, 4),
+    "vgg16": (["conv1_1", "conv2_1", "conv3_1"], ["conv3_2"], 53, 61, 8),
+    "vgg19": (["conv1_1", "conv2_1", "conv3_1"], ["conv3_2"], 53, 61, 8),
+    "googlenet": (["conv1/7x7_s2", "conv2/3x3"], ["inception_3a/output"], 91, 101, 8),
+    "caffenet": (["conv1"], ["conv2"], 83, 95, 8),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Small inputs on shared cores: one torch thread is faster than several waiting for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_net(name: str, blobs: list[str]) -> Net:
+    """The net cut at `blobs`, with random weights of the shapes it needs."""
+    if name == "tiny":
+        from google.protobuf import text_format
+
+        from style_transfer.caffe_model import caffe_schema_pb2 as pb
+        from style_transfer.caffe_model.reader import net_from_message
+
+        msg = pb.NetParameter()
+        text_format.Parse(tinynets.prototxt(), msg)
+        net = truncate(net_from_message(msg), blobs)
+    else:
+        net = truncate(read_prototxt(MODELS[name].prototxt), blobs)
+    shapes = infer_shapes(net, (1, 3, 224, 224))
+    rng = np.random.default_rng(0)
+    weights: dict[str, list[np.ndarray]] = {}
+    for layer in net.layers:
+        wanted = expected_param_shapes(layer, shapes[layer.bottoms[0]]) if layer.bottoms else []
+        if wanted:
+            fan_in = int(np.prod(wanted[0][1:]))
+            weights[layer.name] = [(rng.standard_normal(s) * np.sqrt(2.0 / fan_in) if i == 0
+                                    else rng.standard_normal(s) * 0.1).astype(np.float32)
+                                   for i, s in enumerate(wanted)]
+    net.weights = weights
+    return net
+
+
+def make_engine(kind: str, net: Net, pooling: str) -> Engine:
+    if kind == "torch":
+        # Without Winograd convolutions: their rounding error (BENCHMARKS.md) differs between a tile and the whole
+        # image by more than these tolerances resolve, whatever the tiling does.
+        return TorchEngine(net, pooling, tuning=Tuning(winograd=False))
+    from style_transfer.engines.caffe import CaffeEngine, import_caffe
+
+    try:
+        caffe = import_caffe(verbose=False)
+    except EngineError as exc:
+        pytest.skip(str(exc))
+    return CaffeEngine(net, pooling, "cpu", caffe=caffe)
+
+
+def rel(a: Any, b: Any) -> float:
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
+
+
+def random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return images.preprocess(rng.uniform(0.0, 1.0, (h, w, 3)).astype(np.float32))
+
+
+MEASURED: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("engine_kind", ["torch", "caffe"])
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_tiled_equals_untiled(name: str, pooling: str, engine_kind: str) -> None:
+    style_layers, content_layers, h, w, core = CASES[name]
+    blobs = [*style_layers, *content_layers]
+    net = random_net(name, blobs)
+    engine = make_engine(engine_kind, net, pooling)
+    rng = np.random.default_rng(3)
+    style, content, x = random_image(rng, h + 7, w - 5), random_image(rng, h, w), random_image(rng, h, w)
+
+    # Style Gram targets and content targets.
+    style_plan = tiling.plan_tiles(net, pooling, h + 7, w - 5, style_layers, (core, core))
+    assert style_plan.count >= 9
+    grams = {k: gram_numpy(v) for k, v in engine.features(style, style_layers).items()}
+    tiled_grams = tiling.tiled_grams(engine, style, style_layers, style_plan)
+    for k in style_layers:
+        assert rel(tiled_grams[k], grams[k]) < LOSS_RTOL, k
+    plan = tiling.plan_tiles(net, pooling, h, w, blobs, (core, core))
+    assert plan.count >= 9 and plan.tile_size[0] < h and plan.tile_size[1] < w
+    targets = engine.features(content, content_layers)
+    tiled_targets = tiling.tiled_features(engine, content, content_layers, plan)
+    for k in content_layers:
+        assert rel(tiled_targets[k], targets[k]) < LOSS_RTOL, k
+
+    objective = Objective({k: 1.0 for k in content_layers}, {k: 1.0 / len(style_layers) for k in style_layers},
+                          1e3, targets, {k: np.stack([grams[k], 0.5 * grams[k]]) for k in style_layers},
+                          np.array([0.25, 0.75]), tv_weight=0.1)
+    want = engine.bind(objective)(x)
+    got = tiling.TiledEvaluator(engine, objective, plan)(x)
+    assert list(got.layers) == list(want.layers)
+    loss_rel, grad_rel = abs(got.loss - want.loss) / abs(want.loss), rel(got.grad, want.grad)
+    MEASURED[f"{name}-{pooling}-{engine_kind}"] = max(loss_rel, grad_rel)
+    assert loss_rel <= LOSS_RTOL
+    assert grad_rel <= GRAD_RTOL
+    for k in want.layers:
+        assert got.layers[k] == pytest.approx(want.layers[k], rel=LOSS_RTOL), k
+
+
+def test_float64_tiling_is_exact_to_rounding() -> None:
+    """In float64 nothing but the order of the sums differs: a wrong crop or halo would show far above 1e-10."""
+    style_layers, content_layers, h, w, core = CASES["vgg16"]
+    net = random_net("vgg16", [*style_layers, *content_layers])
+    engine = TorchEngine(net, "max", dtype=torch.float64)
+    rng = np.random.default_rng(5)
+    content, x = random_image(rng, h, w), random_image(rng, h, w)
+    grams = {k: gram_numpy(v) for k, v in engine.features(random_image(rng, h, w), style_layers).items()}
+    objective = Objective({k: 1.0 for k in content_layers}, {k: 1.0 for k in style_layers}, 1e3,
+                          engine.features(content, content_layers), {k: grams[k][None] for k in style_layers})
+    plan = tiling.plan_tiles(net, "max", h, w, objective.layers, (core, core))
+    want, got = engine.bind(objective)(x), tiling.TiledEvaluator(engine, objective, plan)(x)
+    assert abs(got.loss - want.loss) / want.loss < 1e-10
+    assert rel(got.grad, want.grad) < 1e-10
+
+
+def test_plan_geometry_comes_from_the_layers() -> None:
+    """VGG16 to conv5_1: total stride 16; reach as the layers compose it; tile origins aligned."""
+    info = MODELS["vgg16"]
+    blobs = list(dict.fromkeys([*info.style_layers, *info.content_layers]))
+    net = truncate(read_prototxt(info.prototxt), blobs)
+    plan = tiling.plan_tiles(net, "avg", 301, 407, blobs, (40, 40))
+    assert plan.reach["conv5_1"].stride == (16, 16)
+    assert plan.reach["conv1_1"].lo == (-1, -1)
+    for span in (*plan.rows, *plan.cols):
+        assert span.start % 16 == 0 and span.core_start % 16 == 0
+    # Every position of every blob belongs to exactly one tile.
+    for b in blobs:
+        counts = np.zeros(plan.shapes[b][2:], int)
+        for tile in plan.tiles:
+            counts[plan.interior(tile, b)[1]] += 1
+        assert (counts == 1).all(), b
+
+
+def test_untiled_when_the_image_fits_and_an_error_when_no_tile_does() -> None:
+    style_layers, content_layers, h, w, _core = CASES["vgg16"]
+    net = random_net("vgg16", [*style_layers, *content_layers])
+    blobs = [*style_layers, *content_layers]
+    assert tiling.choose_tiles(net, "avg", h, w, blobs, budget=1 << 40) is None
+    need = tiling.evaluation_bytes(net, "avg", h, w)
+    plan = tiling.choose_tiles(net, "avg", 400, 500, blobs, budget=need)
+    assert plan is not None and plan.count > 1
+    assert tiling.evaluation_bytes(net, "avg", *plan.tile_size) <= need
+    message = r"--max-memory 0\.0001 is too small .*; give --max-memory [0-9.]+ or more$"
+    with pytest.raises(StyleTransferError, match=message):
+        tiling.choose_tiles(net, "avg", 400, 500, blobs, budget=1000, fixed=10**5, what="--max-memory 0.0001")
+
+
+def test_measured_differences_are_reported() -> None:
+    """Not a check: prints the largest relative differences the parametrised test measured (pytest -s)."""
+    if MEASURED:
+        worst = max(MEASURED, key=MEASURED.__getitem__)
+        print(f"largest tiled/untiled relative difference: {MEASURED[worst]:.2e} ({worst})")
