@@ -258,6 +258,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("tv_weight", ("--tv-weight",), "total-variation weight (on the 0-255 pixel scale)", 0.0, number()),
     Option("max_pixels", ("--max-pixels",), "largest input image accepted, in pixels (decompression-bomb guard)",
            None, whole(), fingerprint=False),
+    Option("max_memory", ("--max-memory",), "memory a run may use, in GB (RAM on the CPU, free device memory on "
+           "CUDA): an image whose evaluation needs more is evaluated in tiles, exactly (default: what is available)",
+           None, number(0.0, strict=True), fingerprint=False, metavar="GB"),
     Option("scales", ("--scales",), "coarse-to-fine scales; 1 is the original single-scale run", 1, whole()),
     Option("min_length", ("--min-length",), "long side of the smallest scale, with --scales (default: halving per "
            "scale, at least 64)", None, whole()),

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from style_transfer.engines import Evaluation, create_engine
 from style_transfer.errors import ImageError, ModelError, StyleTransferError
 from style_transfer.initial import initial_image
 from style_transfer.options import BY_NAME, check_all, init_kind, parse_layer_weights
+
+if TYPE_CHECKING:  # tiling imports torch, which must load after style_transfer/openmp.py has run
+    from style_transfer import tiling
 
 
 def scale_plan(length: int, scales: int, min_length: int | None, iterations: int) -> list[tuple[int, int]]:
@@ -90,6 +93,7 @@ class Stylization:
     seed: int
     notices: list[str] = field(default_factory=list)
     evaluations: int = 0
+    tilings: list[dict[str, Any] | None] = field(default_factory=list)  # per scale run: how it was tiled, or None
 
     @property
     def iterations(self) -> int:
@@ -111,6 +115,7 @@ class Stylization:
 
         started = time.perf_counter()
         self.evaluations = 0
+        self.tilings = []
         x: np.ndarray | None = None
         done = 0
         stop_reason, error, stopped_early = "", None, False
@@ -153,20 +158,51 @@ class Stylization:
         return RunResult(rgb=self.to_rgb(x), x=x, evaluation=evaluation, iterations=done, stop_reason=stop_reason,
                          error=error, stopped_early=stopped_early, report=report)
 
+    def _tiles(self, height: int, width: int, blobs: list[str]) -> tiling.TilePlan | None:
+        """Tiles for an image of this size when one evaluation of it does not fit the memory budget."""
+        from style_transfer import tiling
+
+        st = self.transfer
+        available = tiling.available_bytes(st.engine.device)
+        cap = self.options["max_memory"]
+        budget = available if cap is None else min(available, int(cap * tiling.GB))
+        what = f"--max-memory {cap:g}" if cap is not None and cap * tiling.GB <= available else \
+            f"the memory available ({available / tiling.GB:.1f} GB)"
+        # On the CPU the optimiser's full-size arrays share the budget; on CUDA they live in host memory.
+        fixed = tiling.run_bytes(st.net, height, width, self.options["lbfgs_memory"]) \
+            if st.engine.device == "cpu" else 0
+        pooling = None if st.engine.pooling == "file" else st.engine.pooling
+        return tiling.choose_tiles(st.net, pooling, height, width, blobs, budget, fixed, what)
+
     def _evaluator(self, content: np.ndarray, length: int) -> Callable[[np.ndarray], Evaluation]:
+        from style_transfer import tiling
         from style_transfer.losses import Objective
 
         st = self.transfer
+        style_blobs = list(st.style_weights)
         grams = []
         for style in self.styles:
             resized = images.resize_long_side(style, round(length * self.options["style_scale"]))
-            grams.append(st.style_grams(match_colors(resized, content, self.options["color_match"])))
-        content_feats = st.engine.features(images.preprocess(content), list(st.content_weights))
-        evaluator = st.engine.bind(Objective(
+            matched = match_colors(resized, content, self.options["color_match"])
+            style_plan = self._tiles(matched.shape[0], matched.shape[1], style_blobs)
+            grams.append(st.style_grams(matched) if style_plan is None else st.style_grams(matched, style_plan))
+        h, w = content.shape[:2]
+        objective_blobs = list(dict.fromkeys([*st.style_weights, *st.content_weights]))
+        plan = self._tiles(h, w, objective_blobs)
+        x_content = images.preprocess(content)
+        content_feats = st.engine.features(x_content, list(st.content_weights)) if plan is None else \
+            tiling.tiled_features(st.engine, x_content, list(st.content_weights), plan)
+        objective = Objective(
             content_weights=st.content_weights, style_weights=st.style_weights, ratio=float(self.options["ratio"]),
             content_targets=content_feats,
             style_targets={layer: np.stack([g[layer] for g in grams]) for layer in st.style_weights},
-            style_blend=self.blend, tv_weight=self.options["tv_weight"]))
+            style_blend=self.blend, tv_weight=self.options["tv_weight"])
+        evaluator = st.engine.bind(objective) if plan is None else tiling.TiledEvaluator(st.engine, objective, plan)
+        self.tilings.append(None if plan is None else plan.summary())
+        if plan is not None and st.options["verbose"]:
+            tile_h, tile_w = plan.tile_size
+            self.notices.append(f"{w}x{h}: evaluated in {plan.count} tiles of up to {tile_w}x{tile_h} px "
+                                f"(halo {plan.halo} px)")
 
         def evaluate(image: np.ndarray) -> Evaluation:
             self.evaluations += 1
@@ -192,7 +228,10 @@ class Stylization:
             "seconds": seconds,
             "setup_seconds": st.take_setup_seconds(),
             "seconds_per_evaluation": seconds / self.evaluations if self.evaluations else None,
-            "scales": [{"length": length, "iterations": n} for length, n in self.plan],
+            "scales": [{"length": length, "iterations": n,
+                        "tiling": self.tilings[i] if i < len(self.tilings) else None}
+                       for i, (length, n) in enumerate(self.plan)],
+            "tiling": self.tilings[-1] if self.tilings else None,
             "stop_reason": stop_reason,
             "seed": self.seed,
         }
@@ -249,9 +288,13 @@ class StyleTransfer:
         seconds, self._setup_seconds = self._setup_seconds, 0.0
         return seconds
 
-    def style_grams(self, style: np.ndarray) -> dict[str, np.ndarray]:
+    def style_grams(self, style: np.ndarray, plan: tiling.TilePlan | None = None) -> dict[str, np.ndarray]:
+        """The Gram matrix of each style blob for an RGB style image; tile by tile when a plan is given."""
+        from style_transfer import tiling
         from style_transfer.losses import gram_numpy
 
+        if plan is not None:
+            return tiling.tiled_grams(self.engine, images.preprocess(style), list(self.style_weights), plan)
         feats = self.engine.features(images.preprocess(style), list(self.style_weights))
         return {k: gram_numpy(v) for k, v in feats.items()}
 

@@ -193,3 +193,43 @@ def test_measured_differences_are_reported() -> None:
     if MEASURED:
         worst = max(MEASURED, key=MEASURED.__getitem__)
         print(f"largest tiled/untiled relative difference: {MEASURED[worst]:.2e} ({worst})")
+
+
+def test_a_run_with_forced_tiles_gives_the_untiled_image(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short Stylization.run on the tiny net: --max-memory small enough to force many tiles gives the same image
+    as the untiled run, and the report says how the image was tiled."""
+    from style_transfer.transfer import StyleTransfer
+    from tests.conftest import tiny_images
+
+    proto, model = tinynets.write_net(tmp_path)
+    st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
+                       gpu=-1, engine="torch", verbose=True)
+    content, style, _ = tiny_images()
+    options = dict(length=45, num_iters=5, init="content", seed=1)
+    untiled = st.stylize(content, [style], **options).run()
+    assert untiled.report["tiling"] is None
+    # The run's own arrays do not count here, so a budget of a few tiles' worth forces tiling.
+    monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)
+    budget = tiling.evaluation_bytes(st.net, "avg", 24, 24) / tiling.GB
+    job = st.stylize(content, [style], max_memory=budget, **options)
+    tiled = job.run()
+    assert tiled.report["tiling"]["tiles"] >= 4
+    assert tiled.report["scales"][0]["tiling"] == tiled.report["tiling"]
+    assert any("tiles of up to" in n for n in job.notices)
+    assert tiled.evaluation is not None and untiled.evaluation is not None
+    assert abs(tiled.evaluation.loss - untiled.evaluation.loss) / untiled.evaluation.loss < 1e-4
+    # On the 0-255 pixel scale: well under one grey level after five iterations.
+    assert np.abs(tiled.x - untiled.x).max() < 0.05
+
+
+def test_max_memory_too_small_for_one_tile_is_one_line_naming_the_smallest_value(tmp_path: Any) -> None:
+    from style_transfer.transfer import StyleTransfer
+    from tests.conftest import tiny_images
+
+    proto, model = tinynets.write_net(tmp_path)
+    st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
+                       gpu=-1)
+    content, style, _ = tiny_images()
+    message = r"^--max-memory 1e-06 is too small .* give --max-memory \S+ or more$"
+    with pytest.raises(StyleTransferError, match=message):
+        st.stylize(content, [style], length=45, num_iters=1, max_memory=1e-6).run()
