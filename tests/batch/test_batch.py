@@ -194,7 +194,9 @@ def test_fingerprint_follows_what_a_job_computes(tmp_path: Path) -> None:
     assert half.options["precision"] == "bf16" and half.fingerprint != plain
     assert job(",fp8", ",precision").problem is not None
     # options.py's table says what counts: where a job runs and what it prints, nothing it computes.
-    assert set(job().options) - FINGERPRINTED == {"gpu", "models_dir", "max_pixels", "verbose", "download_missing"}
+    # --max-memory only decides how an evaluation is tiled, and tiled evaluation is exact.
+    assert set(job().options) - FINGERPRINTED == {"gpu", "models_dir", "max_pixels", "max_memory", "verbose",
+                                                  "download_missing"}
 
 
 def test_fingerprint_is_the_one_earlier_versions_wrote(tmp_path: Path) -> None:
