@@ -28,7 +28,13 @@ from style_transfer.caffe_model.net import Net
 from style_transfer.engines.base import Engine, Evaluation, Evaluator
 from style_transfer.engines.caffe_deploy import check_net, check_size, deploy_prototxt, input_layer_name
 from style_transfer.errors import EngineError, ModelError
-from style_transfer.losses import Objective, TorchTargets, terms_and_feature_grads, tv_loss_torch
+from style_transfer.losses import (
+    Objective,
+    TorchTargets,
+    temporal_term_torch,
+    terms_and_feature_grads,
+    tv_loss_torch,
+)
 from style_transfer.util import one_line
 
 INSTALL_HINT = "run scripts/install_caffe.sh (e.g. PYTHON=.venv/bin/python bash scripts/install_caffe.sh)"
@@ -354,4 +360,11 @@ class CaffeEvaluator(Evaluator):
             tv_term = obj.tv_weight * tv_loss_torch(x)
             grad += torch.autograd.grad(tv_term, x)[0].numpy()
             tv = float(tv_term.detach())
-        return Evaluation.of(terms, tv, grad)
+        temporal = 0.0
+        if self.targets.temporal is not None:
+            x = torch.tensor(image, dtype=torch.float32, requires_grad=True)
+            temporal_term = temporal_term_torch(obj, self.targets, x)
+            assert temporal_term is not None
+            grad += torch.autograd.grad(temporal_term, x)[0].numpy()
+            temporal = float(temporal_term.detach())
+        return Evaluation.of(terms, tv, grad, temporal)

@@ -40,6 +40,7 @@ from style_transfer.losses import (
     Objective,
     TorchTargets,
     is_nhwc,
+    temporal_term_torch,
     terms_and_feature_grads,
     tv_loss_torch,
     weighted_terms_torch,
@@ -297,6 +298,10 @@ class TorchEvaluator(Evaluator):
                 tv = obj.tv_weight * tv_loss_torch(x)
                 roots.append(tv)
                 grads.append(torch.ones((), dtype=tv.dtype, device=tv.device))
+            temporal = temporal_term_torch(obj, self.targets, x)
+            if temporal is not None:
+                roots.append(temporal)
+                grads.append(torch.ones((), dtype=temporal.dtype, device=temporal.device))
             if engine.precision == "fp16":
                 # float16 overflows at 65504: the injected gradients are scaled by a power of two to a largest
                 # magnitude of 2^(10 - 8 * attempt), leaving headroom for growth through the backward pass.
@@ -309,7 +314,8 @@ class TorchEvaluator(Evaluator):
             scale /= 256.0
         if scale != 1.0:
             grad = grad / scale
-        return Evaluation.of(terms, float(tv.detach()), _numpy(grad, engine.dtype))
+        return Evaluation.of(terms, float(tv.detach()), _numpy(grad, engine.dtype),
+                             float(temporal.detach()) if temporal is not None else 0.0)
 
     def _evaluate_autograd(self, image: np.ndarray) -> Evaluation:
         """The plain formulation: the losses as torch expressions, everything differentiated by autograd."""
@@ -320,9 +326,12 @@ class TorchEvaluator(Evaluator):
             feats = {k: v[0] for k, v in engine._forward(engine._input(x), obj.layers).items()}
         terms = weighted_terms_torch(obj, self.targets, feats, engine.dtype)
         tv = obj.tv_weight * tv_loss_torch(x) if obj.tv_weight else torch.zeros((), dtype=engine.dtype, device=x.device)
-        (grad,) = torch.autograd.grad(sum(terms.values(), tv), x)
+        temporal = temporal_term_torch(obj, self.targets, x)
+        total = sum(terms.values(), tv) if temporal is None else sum(terms.values(), tv + temporal)
+        (grad,) = torch.autograd.grad(total, x)
         values = {k: float(v.detach()) for k, v in terms.items()}
-        return Evaluation.of(values, float(tv.detach()), _numpy(grad, engine.dtype))
+        return Evaluation.of(values, float(tv.detach()), _numpy(grad, engine.dtype),
+                             float(temporal.detach()) if temporal is not None else 0.0)
 
 
 def _across_channels_lrn(size: int, alpha: float, beta: float, k: float) -> Run:
