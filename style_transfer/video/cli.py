@@ -31,7 +31,7 @@ VIDEO_OPTIONS = ("style", "model", "gpu", "init", "ratio", "num_iters", "length"
 # multiplies every second spent per frame.
 VIDEO_DEFAULTS = {"length": 256, "num_iters": 200}
 LATER_ITERS = 60
-TEMPORAL_WEIGHT = 1.0
+TEMPORAL_WEIGHT = 50.0
 
 
 def _checked(check: Any, label: str) -> Any:
