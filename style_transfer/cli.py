@@ -22,14 +22,15 @@ from style_transfer.openmp import prefer_short_spin
 from style_transfer.options import OPTIONS, HelpFormatter, Parser, add_arguments, defaults, init_kind, values_for
 from style_transfer.util import check_writable, reason, write_json
 
-ANIMATION_FORMATS = (".gif", ".webp", ".png")
+ANIMATION_FORMATS = (".gif", ".webp", ".png", ".mp4")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="style.py", formatter_class=HelpFormatter,
                description="Neural artistic style transfer (Gatys et al.) on Caffe nets.",
                epilog="Many runs from a CSV manifest, resumable, on local workers or Dask: "
-                      "style.py batch MANIFEST.csv (see style.py batch --help).")
+                      "style.py batch MANIFEST.csv (see style.py batch --help). A video clip: "
+                      "style.py video INPUT.mp4 -s STYLE -o OUT.mp4 (see style.py video --help).")
     add_arguments(p, [o.name for o in OPTIONS], defaults_from=defaults())
     p.add_argument("--download", nargs="+", metavar="MODEL", default=None,
                    help=f"fetch and verify model weights ({', '.join(MODELS)} or all) and exit")
@@ -59,10 +60,15 @@ def _check_outputs(args: argparse.Namespace, output: Path) -> Path | None:
     if args.animation:
         animation = Path(args.animation)
         if animation.suffix.lower() not in ANIMATION_FORMATS:
-            raise StyleTransferError(f"--animation {animation}: use a .gif, .webp or .png (APNG) file")
+            raise StyleTransferError(f"--animation {animation}: use a .gif, .webp, .png (APNG) or .mp4 file")
         if animation.absolute() == output.absolute():
             raise StyleTransferError(f"--animation {animation} is the output image itself; give it another name")
-        images.check_output_path(animation)
+        if animation.suffix.lower() == ".mp4":
+            from style_transfer.video.io import check_output
+
+            check_output(animation, "--animation")
+        else:
+            images.check_output_path(animation)
     if args.report:
         check_writable(args.report, "--report")
     return animation
@@ -140,6 +146,11 @@ def _save_animation(path: Path, frames: list[np.ndarray]) -> None:
     from PIL import Image
 
     h, w = frames[-1].shape[:2]
+    if path.suffix.lower() == ".mp4":
+        from style_transfer.video.io import write_video
+
+        write_video(path, [np.round(images.resize_to(f, h, w) * 255).astype(np.uint8) for f in frames], 10)
+        return
     pictures = [Image.fromarray(np.round(images.resize_to(f, h, w) * 255).astype(np.uint8)) for f in frames]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
@@ -156,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from style_transfer.batch import batch_main
 
         return batch_main(argv[1:])
+    if argv[:1] == ["video"]:
+        from style_transfer.video.cli import video_main
+
+        return video_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.download:

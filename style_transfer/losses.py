@@ -9,6 +9,8 @@ Per content layer:
     w / 2 * sum (F - P)^2                                          (P: the content image's features)
 Total variation of the image x (3 x H x W), optional:
     tv * sum ((x[:, i+1, j] - x[:, i, j])^2 + (x[:, i, j+1] - x[:, i, j])^2)
+Temporal consistency of a video frame x with the previous stylized frame warped onto it, w, optional:
+    temporal * sum_{c, i, j} m[i, j] (x[c, i, j] - w[c, i, j])^2    (m: 1 where the flow is reliable, 0 elsewhere)
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ class Objective:
     style_targets: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> S x C x C
     style_blend: np.ndarray = field(default_factory=lambda: np.ones(1, dtype=np.float64))  # S weights, sum 1
     tv_weight: float = 0.0
+    # Ruder et al.'s short-term temporal term (see temporal_loss_torch); off unless all three are set.
+    temporal_weight: float = 0.0
+    temporal_target: np.ndarray | None = None  # 3 x H x W, preprocessed like the image
+    temporal_mask: np.ndarray | None = None  # H x W weights in [0, 1]
+
+    @property
+    def has_temporal(self) -> bool:
+        return bool(self.temporal_weight) and self.temporal_target is not None and self.temporal_mask is not None
 
     @property
     def layers(self) -> list[str]:
@@ -73,6 +83,48 @@ def tv_loss_torch(image: torch.Tensor) -> torch.Tensor:
     return dh.pow(2).sum() + dw.pow(2).sum()
 
 
+def temporal_loss_torch(image: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unweighted temporal loss, sum m (x - w)^2 over channels and pixels: Ruder, Dosovitskiy & Brox 2016
+    ("Artistic style transfer for videos", eq. 7) with the same mask c on every channel, on the preprocessed
+    (0-255) scale. The paper divides by the number of values; this sum does not, like the content and TV terms
+    here, so that the term keeps its balance with the content term at any frame size."""
+    return (mask * (image - target).pow(2)).sum()
+
+
+def temporal_term_torch(obj: Objective, targets: TorchTargets, image: torch.Tensor) -> torch.Tensor | None:
+    """The weighted temporal term of `image` (3 x H x W), or None when the objective has none."""
+    if targets.temporal is None:
+        return None
+    target, mask = targets.temporal
+    if target.shape != image.shape:
+        raise ValueError(f"temporal target {tuple(target.shape)} does not match the image {tuple(image.shape)}")
+    return obj.temporal_weight * temporal_loss_torch(image, target.to(image.dtype), mask.to(image.dtype))
+
+
+class PixelTerms:
+    """The objective's terms on the image itself (total variation, the temporal term) as one input term for
+    `Engine.vjp`, remembering each one's value for the report."""
+
+    def __init__(self, obj: Objective, targets: TorchTargets) -> None:
+        self.obj, self.targets = obj, targets
+        self.any = bool(obj.tv_weight) or targets.temporal is not None
+        self.values: dict[str, torch.Tensor] = {}
+
+    def term(self, image: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=image.dtype, device=image.device)
+        if self.obj.tv_weight:
+            self.values["tv"] = self.obj.tv_weight * tv_loss_torch(image)
+            total = total + self.values["tv"]
+        temporal = temporal_term_torch(self.obj, self.targets, image)
+        if temporal is not None:
+            self.values["temporal"] = temporal
+            total = total + temporal
+        return total
+
+    def value(self, name: str) -> float:
+        return float(self.values[name].detach()) if name in self.values else 0.0
+
+
 @dataclass(frozen=True)
 class TorchTargets:
     """An objective's targets as tensors of one engine (device, dtype; the content targets in the memory layout of
@@ -83,6 +135,7 @@ class TorchTargets:
     style_mean: dict[str, torch.Tensor]  # sum_s b_s A_s, C x C
     blend: torch.Tensor  # S
     blend_sum: float
+    temporal: tuple[torch.Tensor, torch.Tensor] | None = None  # target 3 x H x W, mask H x W
 
     @classmethod
     def of(cls, objective: Objective, tensor: Callable[[np.ndarray], torch.Tensor],
@@ -94,7 +147,12 @@ class TorchTargets:
             blend = tensor(objective.style_blend)
             # sum_s b_s (G - A_s) = (sum b) G - sum_s b_s A_s: the gradient needs only the blended target.
             style_mean = {k: torch.tensordot(blend, v, dims=1) for k, v in style.items()}
-        return cls(content, style, style_mean, blend, float(np.sum(objective.style_blend)))
+            temporal = None
+            if objective.has_temporal:
+                assert objective.temporal_target is not None and objective.temporal_mask is not None
+                # np.array copies: the evaluator keeps targets of its own even where `tensor` would share memory.
+                temporal = (tensor(np.array(objective.temporal_target)), tensor(np.array(objective.temporal_mask)))
+        return cls(content, style, style_mean, blend, float(np.sum(objective.style_blend)), temporal)
 
 
 def weighted_terms_torch(obj: Objective, targets: TorchTargets, feats: dict[str, torch.Tensor],

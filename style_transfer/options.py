@@ -270,8 +270,8 @@ OPTIONS: tuple[Option, ...] = (
            "the content's chroma", False, _flag, flag=True),
     Option("save_every", ("--save-every",), "also save OUT-NNNN.ext every N iterations", None, whole(),
            scope="cli", column=False),
-    Option("animation", ("--animation",), "assemble the intermediate images into an animated .gif/.webp/.png",
-           scope="cli", column=False),
+    Option("animation", ("--animation",), "assemble the intermediate images into an animated .gif/.webp/.png or "
+           "an .mp4 video", scope="cli", column=False),
     Option("report", ("--report",), "write a JSON report of the run here", scope="cli", column=False),
     Option("download_missing", ("--download-missing",), "fetch the model's weights first when they are missing",
            False, _flag, scope="model", flag=True, column=False, fingerprint=False),

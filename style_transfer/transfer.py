@@ -80,6 +80,17 @@ class RunResult:
         return self.stop_reason == "interrupted"
 
 
+@dataclass(frozen=True)
+class TemporalTarget:
+    """Ruder et al.'s temporal term for one video frame (losses.temporal_loss_torch): the previous stylized frame
+    warped onto this one (RGB, H x W x 3 in [0, 1] at the run's final size), the mask of pixels where that warp is
+    trusted (H x W in [0, 1]) and the term's weight (on the 0-255 pixel scale, like --tv-weight)."""
+
+    rgb: np.ndarray
+    mask: np.ndarray
+    weight: float
+
+
 @dataclass
 class Stylization:
     """One prepared run: call `run()` once."""
@@ -94,6 +105,7 @@ class Stylization:
     notices: list[str] = field(default_factory=list)
     evaluations: int = 0
     tilings: list[dict[str, Any] | None] = field(default_factory=list)  # per scale run: how it was tiled, or None
+    temporal: TemporalTarget | None = None
 
     @property
     def iterations(self) -> int:
@@ -196,7 +208,10 @@ class Stylization:
             content_weights=st.content_weights, style_weights=st.style_weights, ratio=float(self.options["ratio"]),
             content_targets=content_feats,
             style_targets={layer: np.stack([g[layer] for g in grams]) for layer in st.style_weights},
-            style_blend=self.blend, tv_weight=self.options["tv_weight"])
+            style_blend=self.blend, tv_weight=self.options["tv_weight"], **self._temporal_fields(content))
+        if plan is not None and objective.has_temporal:
+            raise StyleTransferError("a video frame too large for memory cannot be tiled yet; lower -l/--length or "
+                                     "raise --max-memory")
         evaluator = st.engine.bind(objective) if plan is None else tiling.TiledEvaluator(st.engine, objective, plan)
         self.tilings.append(None if plan is None else plan.summary())
         if plan is not None and st.options["verbose"]:
@@ -210,11 +225,25 @@ class Stylization:
 
         return evaluate
 
+    def _temporal_fields(self, content: np.ndarray) -> dict[str, Any]:
+        """The Objective's temporal fields at this scale's size (the target and mask resized for coarse scales)."""
+        if self.temporal is None:
+            return {}
+        h, w = content.shape[:2]
+        rgb, mask = self.temporal.rgb, self.temporal.mask
+        if rgb.shape[:2] != (h, w):
+            rgb = images.resize_to(rgb, h, w)
+            mask = images.resize_to(np.repeat(mask[..., None], 3, axis=2), h, w)[..., 0]
+        return {"temporal_weight": float(self.temporal.weight), "temporal_target": images.preprocess(rgb),
+                "temporal_mask": np.asarray(mask, dtype=np.float32)}
+
     def _report(self, x: np.ndarray, evaluation: Evaluation | None, iterations: int, seconds: float,
                 stop_reason: str) -> dict[str, Any]:
         st = self.transfer
         # Without an evaluation (a second Ctrl-C cut it) every score is None.
         scores = {k: getattr(evaluation, k, None) for k in ("loss", "style_loss", "content_loss", "tv_loss", "layers")}
+        if self.temporal is not None:  # video frames only: still-image reports keep their keys
+            scores["temporal_loss"] = getattr(evaluation, "temporal_loss", None)
         return {
             "engine": st.options["engine"],
             "model": st.model,
@@ -298,9 +327,11 @@ class StyleTransfer:
         feats = self.engine.features(images.preprocess(style), list(self.style_weights))
         return {k: gram_numpy(v) for k, v in feats.items()}
 
-    def stylize(self, content: np.ndarray, styles: Sequence[np.ndarray], **options: Any) -> Stylization:
+    def stylize(self, content: np.ndarray, styles: Sequence[np.ndarray], *, temporal: TemporalTarget | None = None,
+                **options: Any) -> Stylization:
         """Prepare a run on RGB images (H x W x 3 in [0, 1]); keyword arguments are the "run" options of
-        options.py. Everything is checked here, before any work: sizes at every scale included."""
+        options.py. Everything is checked here, before any work: sizes at every scale included. `temporal` adds
+        the video's temporal term (style_transfer/video)."""
         started = time.perf_counter()
         if not styles:
             raise StyleTransferError("at least one style image is needed")
@@ -314,6 +345,11 @@ class StyleTransfer:
         blend = blend / blend.sum()
         plan = scale_plan(opts["length"], opts["scales"], opts["min_length"], opts["num_iters"])
         _check_sizes(content, styles, plan, opts["style_scale"])
+        if temporal is not None:
+            final = images.long_side_size(content.shape[0], content.shape[1], plan[-1][0])
+            if temporal.rgb.shape != (*final, 3) or temporal.mask.shape != final:
+                raise StyleTransferError(f"the temporal target {temporal.rgb.shape[:2]} and mask "
+                                         f"{temporal.mask.shape} must be the output size {final}")
         kind = init_kind(opts["init"])
         if kind == "file":
             if not Path(opts["init"]).exists():
@@ -325,7 +361,7 @@ class StyleTransfer:
         seed = opts["seed"] if opts["seed"] is not None else secrets.randbits(32)
         self._setup_seconds += time.perf_counter() - started
         return Stylization(self, np.asarray(content, dtype=np.float32), list(styles), blend, plan, opts, seed,
-                           notices=list(self.notices))
+                           notices=list(self.notices), temporal=temporal)
 
 
 def _check_sizes(content: np.ndarray, styles: Sequence[np.ndarray], plan: list[tuple[int, int]],

@@ -176,7 +176,7 @@ def _main(args: list[str]) -> int | None:
     (["-l", "64", "--scales", "3", "-n", "9"], "repeats sizes (64, 64, 64)"),
     (["-l", "64", "--style-scale", "0.3"], "--style-scale 0.3 x --length 64 = 19"),
     (["--style-layers", "conv1:abc"], "the weight of 'conv1' must be a number, got 'abc'"),
-    (["--animation", "a.mp4"], "use a .gif, .webp or .png"),
+    (["--animation", "a.avi"], "use a .gif, .webp, .png"),
 ])
 def test_defects_give_the_right_one_line_error(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str],
                                                extra: list[str], message: str, capsys: pytest.CaptureFixture[str],
@@ -336,3 +336,16 @@ def test_cli_passes_every_run_option_to_the_library(tmp_path: Path, pair: tuple[
                         style_scale=1.5, ratio="3e3", tv_weight=0.01, lbfgs_memory=4, style_weights=[2, 1]).run()
     expected = np.rint(np.clip(result.rgb, 0, 1) * 255).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
+
+
+def test_animation_as_mp4(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str]) -> None:
+    """--animation out.mp4 goes through the video writer: H.264 at the final size (rounded down to even sides)."""
+    from style_transfer.video import io
+
+    style, content = pair
+    out = tmp_path / "out.png"
+    code = main(["-s", str(style), "-c", str(content), *tiny, "-l", "32", "-n", "9",
+                 "--animation", str(tmp_path / "a.mp4"), "-o", str(out)])
+    assert code == 0
+    info = io.probe(tmp_path / "a.mp4")
+    assert info.frames >= 4 and (info.width, info.height) == (32, 24) and info.fps == 10

@@ -34,13 +34,15 @@ class Evaluation:
     content_loss: float
     tv_loss: float
     layers: dict[str, float]  # per-layer weighted terms, keys "style:<blob>" and "content:<blob>"
+    temporal_loss: float = 0.0  # the video's temporal term (losses.temporal_loss_torch), weight included
 
     @classmethod
-    def of(cls, layers: dict[str, float], tv_loss: float, grad: np.ndarray) -> Evaluation:
+    def of(cls, layers: dict[str, float], tv_loss: float, grad: np.ndarray,
+           temporal_loss: float = 0.0) -> Evaluation:
         """The evaluation whose style and content losses are the sums of the per-layer terms."""
         style = sum((v for k, v in layers.items() if k.startswith("style:")), 0.0)
         content = sum((v for k, v in layers.items() if k.startswith("content:")), 0.0)
-        return cls(style + content + tv_loss, grad, style, content, tv_loss, layers)
+        return cls(style + content + tv_loss + temporal_loss, grad, style, content, tv_loss, layers, temporal_loss)
 
 
 class Evaluator(ABC):

@@ -28,7 +28,12 @@ from style_transfer.caffe_model.net import Net
 from style_transfer.engines.base import Engine, Evaluation, Evaluator, FeatureGrads, InputTerm
 from style_transfer.engines.caffe_deploy import check_net, check_size, deploy_prototxt, input_layer_name
 from style_transfer.errors import EngineError, ModelError
-from style_transfer.losses import Objective, TorchTargets, terms_and_feature_grads, tv_loss_torch
+from style_transfer.losses import (
+    Objective,
+    PixelTerms,
+    TorchTargets,
+    terms_and_feature_grads,
+)
 from style_transfer.util import one_line
 
 INSTALL_HINT = "run scripts/install_caffe.sh (e.g. PYTHON=.venv/bin/python bash scripts/install_caffe.sh)"
@@ -363,7 +368,8 @@ class CaffeEvaluator(Evaluator):
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
         obj = self.objective
-        tv = (lambda x: obj.tv_weight * tv_loss_torch(x)) if obj.tv_weight else None
-        terms, tv_value, grad = self.engine.vjp(
-            image, obj.layers, lambda feats: terms_and_feature_grads(obj, self.targets, feats, torch.float32), tv)
-        return Evaluation.of(terms, tv_value, grad)
+        pixels = PixelTerms(obj, self.targets)
+        terms, _, grad = self.engine.vjp(
+            image, obj.layers, lambda feats: terms_and_feature_grads(obj, self.targets, feats, torch.float32),
+            pixels.term if pixels.any else None)
+        return Evaluation.of(terms, pixels.value("tv"), grad, pixels.value("temporal"))

@@ -38,8 +38,10 @@ from style_transfer.engines.cpu import keep_freed_memory, use_physical_cores
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import (
     Objective,
+    PixelTerms,
     TorchTargets,
     is_nhwc,
+    temporal_term_torch,
     terms_and_feature_grads,
     tv_loss_torch,
     weighted_terms_torch,
@@ -313,10 +315,11 @@ class TorchEvaluator(Evaluator):
         engine, obj = self.engine, self.objective
         if not engine.tuning.manual_loss_grad:
             return self._evaluate_autograd(image)
-        tv = (lambda x: obj.tv_weight * tv_loss_torch(x)) if obj.tv_weight else None
-        terms, tv_value, grad = engine.vjp(
-            image, obj.layers, lambda feats: terms_and_feature_grads(obj, self.targets, feats, engine.dtype), tv)
-        return Evaluation.of(terms, tv_value, grad)
+        pixels = PixelTerms(obj, self.targets)
+        terms, _, grad = engine.vjp(image, obj.layers,
+                                    lambda feats: terms_and_feature_grads(obj, self.targets, feats, engine.dtype),
+                                    pixels.term if pixels.any else None)
+        return Evaluation.of(terms, pixels.value("tv"), grad, pixels.value("temporal"))
 
     def _evaluate_autograd(self, image: np.ndarray) -> Evaluation:
         """The plain formulation: the losses as torch expressions, everything differentiated by autograd."""
@@ -327,9 +330,12 @@ class TorchEvaluator(Evaluator):
             feats = {k: v[0] for k, v in engine._forward(engine._input(x), obj.layers).items()}
         terms = weighted_terms_torch(obj, self.targets, feats, engine.dtype)
         tv = obj.tv_weight * tv_loss_torch(x) if obj.tv_weight else torch.zeros((), dtype=engine.dtype, device=x.device)
-        (grad,) = torch.autograd.grad(sum(terms.values(), tv), x)
+        temporal = temporal_term_torch(obj, self.targets, x)
+        total = sum(terms.values(), tv) if temporal is None else sum(terms.values(), tv + temporal)
+        (grad,) = torch.autograd.grad(total, x)
         values = {k: float(v.detach()) for k, v in terms.items()}
-        return Evaluation.of(values, float(tv.detach()), _numpy(grad, engine.dtype))
+        return Evaluation.of(values, float(tv.detach()), _numpy(grad, engine.dtype),
+                             float(temporal.detach()) if temporal is not None else 0.0)
 
 
 def _across_channels_lrn(size: int, alpha: float, beta: float, k: float) -> Run:

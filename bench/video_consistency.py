@@ -1,0 +1,79 @@
+"""Temporal consistency of `style.py video`: the warping error of frame-by-frame and temporal runs (issue 13).
+
+The warping error of a clip is the mean, over consecutive frame pairs, of the mean squared difference (0-255
+values) between frame i and frame i - 1 warped onto it by the INPUT's backward flow, over the pixels the input's
+forward-backward check trusts. The input clip's own figure is the floor.
+
+    python -m bench.video_consistency VIDEO STYLE --weights W.caffemodel --frames 10 --length 128 --iters 40 \
+        --out bench/results/video
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from style_transfer.cli import main as style_main
+from style_transfer.video import flow, io
+from style_transfer.video.run import working_size
+
+MODES = {"frame-by-frame": ["--independent"], "warped-init": ["--temporal-weight", "0"], "temporal": []}
+
+
+def clip_error(frames: list[np.ndarray], inputs: list[np.ndarray]) -> float:
+    errors = []
+    for i in range(1, len(frames)):
+        backward, forward = flow.flow(inputs[i], inputs[i - 1]), flow.flow(inputs[i - 1], inputs[i])
+        mask = flow.reliability(backward, forward)
+        errors.append(flow.warping_error(frames[i], frames[i - 1], backward, mask))
+    return float(np.mean(errors))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("video")
+    p.add_argument("style")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--frames", type=int, default=10)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--temporal-weight", default="1")
+    p.add_argument("--out", default="bench/results/video")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = io.probe(a.video)
+    h, w = working_size(info.height, info.width, a.length)
+    inputs = [np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.LANCZOS))
+              for f in io.read_frames(a.video, a.start, a.frames)]
+    results: dict[str, dict[str, float]] = {"input": {"warping_error": clip_error(inputs, inputs)}}
+    strips = [np.concatenate(inputs[:5], axis=1)]
+    for mode, extra in MODES.items():
+        target = out / f"{mode}.mp4"
+        report = out / f"{mode}.json"
+        argv = ["video", a.video, "-s", a.style, "-o", str(target), "--weights", a.weights, "-g", "-1",
+                "-l", str(a.length), "-n", str(a.iters), "--iters", str(a.iters), "--start", str(a.start),
+                "--frames", str(a.frames), "--seed", "0", "--report", str(report),
+                "--temporal-weight", a.temporal_weight, *extra]
+        if style_main(argv) != 0:
+            raise SystemExit(f"{mode} failed")
+        work = out / f"{mode}.mp4.work"
+        frames = [np.asarray(Image.open(work / f"frame-{a.start + k:06d}.png").convert("RGB"))
+                  for k in range(a.frames)]
+        summary = json.loads(report.read_text())
+        results[mode] = {"warping_error": clip_error(frames, inputs), "mean_style_loss": summary["mean_style_loss"],
+                         "seconds_per_frame_after_first": summary["seconds_per_frame_after_first"]}
+        strips.append(np.concatenate(frames[:5], axis=1))
+        print(mode, results[mode], flush=True)
+    Image.fromarray(np.concatenate(strips, axis=0)).save(out / "strip.png")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Video reading and writing, optical flow, warping and the reliability masks, on clips with known motion."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from style_transfer.video import flow, io
+from tests.video.clips import audio_samples, panned, write_clip, write_tone
+
+
+def test_round_trip_keeps_size_rate_and_count(tmp_path: Path) -> None:
+    frames = panned(10)
+    path = write_clip(tmp_path / "c.mp4", frames, fps=12)
+    info = io.probe(path)
+    assert (info.width, info.height, info.frames, info.fps, info.has_audio) == (64, 48, 10, Fraction(12), False)
+    back = list(io.read_frames(path, 3, 4))
+    assert len(back) == 4
+    # H.264 at crf 18 is lossy but close.
+    assert np.abs(back[0].astype(float) - frames[3]).mean() < 6
+
+
+def test_odd_sizes_are_cropped_to_even_and_nothing_half_written(tmp_path: Path) -> None:
+    frames = [f[:47, :63] for f in panned(3)]
+    io.write_video(tmp_path / "o.mp4", frames, 10)
+    info = io.probe(tmp_path / "o.mp4")
+    assert (info.width, info.height) == (62, 46)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
+
+
+def test_audio_is_copied_for_the_frame_range(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "c.mp4", panned(12), fps=12, tone=440.0)
+    info = io.probe(clip)
+    assert info.audio_codec == "aac"
+    out = tmp_path / "o.mp4"
+    frames = list(io.read_frames(clip, 2, 6))
+    assert io.write_video(out, frames, info.fps, io.AudioSource(clip, 2 / 12, 6 / 12)) == []
+    assert io.probe(out).audio_codec == "aac"
+    sound = audio_samples(out)
+    # Half a second of sound (AAC packets are 1024 samples, so within a packet or two), still the 440 Hz tone.
+    assert abs(len(sound) / 22050 - 0.5) < 0.1
+    spectrum = np.abs(np.fft.rfft(sound))
+    assert abs(np.argmax(spectrum) * 22050 / len(sound) - 440) < 10
+
+
+def test_gif_output(tmp_path: Path) -> None:
+    from PIL import Image
+
+    io.write_video(tmp_path / "o.gif", panned(4), 10)
+    with Image.open(tmp_path / "o.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (64, 48)
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "text.mp4").write_text("not a video at all\n" * 10)
+    with pytest.raises(io.VideoError, match="is not a readable video"):
+        io.probe(tmp_path / "text.mp4")
+    with pytest.raises(io.VideoError, match="no such file"):
+        io.probe(tmp_path / "missing.mp4")
+    from PIL import Image
+
+    Image.fromarray(panned(1)[0]).save(tmp_path / "still.png")
+    with pytest.raises(io.VideoError, match="still image"):
+        io.probe(tmp_path / "still.png")
+    write_tone(tmp_path / "sound.mp4", 440.0, 0.5)
+    with pytest.raises(io.VideoError, match="no video stream"):
+        io.probe(tmp_path / "sound.mp4")
+    with pytest.raises(io.VideoError, match=r"use a \.mp4"):
+        io.check_output(tmp_path / "o.avi")
+    (tmp_path / "d.mp4").mkdir()
+    with pytest.raises(io.VideoError, match="is a folder"):
+        io.check_output(tmp_path / "d.mp4")
+    # Unwritable: the folder would have to be made inside a file (permission bits mean nothing to root).
+    with pytest.raises(io.VideoError, match="cannot write -o/--output"):
+        io.check_output(tmp_path / "text.mp4" / "o.mp4")
+
+
+def test_flow_of_a_known_shift_and_its_masks() -> None:
+    a, b = panned(2, dx=3, dy=2)
+    backward, forward = flow.flow(b, a), flow.flow(a, b)
+    inner = (slice(6, -6), slice(6, -6))
+    error = np.sqrt(np.sum((backward[inner] - [3, 2]) ** 2, axis=2))
+    assert error.mean() < 0.25
+    assert np.sqrt(np.sum((forward[inner] + [3, 2]) ** 2, axis=2)).mean() < 0.25
+    mask = flow.reliability(backward, forward)
+    # The strips that come into view (right 3 columns, bottom 2 rows) are not in the previous frame.
+    assert mask[:, -3:].mean() < 0.1 and mask[-2:, :].mean() < 0.1
+    assert mask[inner].mean() > 0.95
+    # Warping the previous frame by the backward flow gives this frame where the mask trusts it.
+    warped = flow.warp(a.astype(np.float32), backward)
+    assert np.abs(warped - b)[mask > 0].mean() < 6
+    assert flow.warping_error(b, a, backward, mask) < flow.warping_error(b, a, np.zeros_like(backward), mask) / 4
+
+
+def test_occluded_object_and_motion_boundary() -> None:
+    """A square moving right over a still photo: the background it uncovers is occluded in the previous frame,
+    and the square's edges are motion boundaries."""
+    background = panned(1, height=64, width=64)[0]
+    square = np.full((16, 16, 3), 250, np.uint8)
+    frames = []
+    for x in (20, 26):
+        frame = background.copy()
+        frame[24:40, x:x + 16] = square
+        frame[24:40, x:x + 16, 0] = np.arange(16, dtype=np.uint8)[None, :] * 15  # texture for the flow to follow
+        frames.append(frame)
+    backward, forward = flow.flow(frames[1], frames[0]), flow.flow(frames[0], frames[1])
+    unreliable = flow.reliability(backward, forward) < 0.5
+    # The uncovered strip, columns 20..25 of rows 24..39: mostly flagged; the far background: mostly trusted.
+    assert unreliable[26:38, 21:25].mean() > 0.6
+    assert unreliable[:12, :].mean() < 0.1 and unreliable[52:, :].mean() < 0.1
