@@ -317,6 +317,9 @@ def _problem(length: int, pair: tuple[Path, Path] | None) -> tuple[np.ndarray, n
     from style_transfer import images
 
     content_path, style_path = pair or (CONTENT, STYLE)
+    for path in (content_path, style_path):
+        if not Path(path).exists():  # load_rgb would make up an image: not for a time-to-quality study
+            raise SystemExit(f"{path} does not exist (set STYLE_TRANSFER_SHARED to the shared folder)")
     content = images.resize_long_side(load_rgb(content_path, 1), length)
     style = images.resize_long_side(load_rgb(style_path, 2), round(length * 1.2))
     return content, style
@@ -374,7 +377,9 @@ def run_against_reference(variant: Variant, length: int, iters: int, gate: Gate 
         if seconds is not None and now >= seconds:
             raise StopIteration
 
-    weights, _kind = weights_for("vgg16")
+    weights, kind = weights_for("vgg16")
+    if kind != "real":
+        raise SystemExit(f"the real VGG16 weights are not at {weights_for('vgg16')[0]} (set STYLE_TRANSFER_SHARED)")
     if variant.engine == "reference":
         ref = Reference(weights, x0, images.preprocess(style), pooling="avg", ratio=1e4)
 
@@ -435,9 +440,16 @@ def run_against_reference(variant: Variant, length: int, iters: int, gate: Gate 
     at_bounds = float(np.mean((final <= lower + 1e-3) | (final >= upper - 1e-3)))
     return {"variant": variant.name, "memory": variant.memory, "engine": variant.engine, "param": "pixels",
             "precision": variant.precision, "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+            "weights": str(weights), "pair": [str(p) for p in (pair or _default_pair())],
             "length": length, "height": x0.shape[1], "width": x0.shape[2],
             "iters": iters, "evals": evals, "iterations": iterations, "snapshots": saved,
             "message": message, "fraction_at_bounds": at_bounds}
+
+
+def _default_pair() -> tuple[Path, Path]:
+    from bench.common import CONTENT, STYLE
+
+    return CONTENT, STYLE
 
 
 def cross_score(path: Path, length: int, pair: tuple[Path, Path] | None = None) -> dict[str, dict[str, float]]:
