@@ -60,11 +60,15 @@ class Variant:
     engine: str = "fast"
     param: str = "pixels"  # "pixels", "colour" or "dct"
     precision: str = "fp32"  # the torch engine's precision; "bf16" objectives are re-measured in fp32 off the clock
+    switch_at: int = 0  # "tool" only: after this many iterations in `precision`, go on in fp32 from that image
 
 
 VARIANTS = {v.name: v for v in [
     Variant("reference", 8, engine="reference"),
     Variant("default", 8, engine="tool"),
+    Variant("default-bf16", 8, engine="tool", precision="bf16"),
+    Variant("bf16-fp32-128", 8, engine="tool", precision="bf16", switch_at=128),
+    Variant("bf16-fp32-256", 8, engine="tool", precision="bf16", switch_at=256),
     Variant("plain-m8", 8, engine="plain"),
     Variant("m8", 8),
     Variant("m12", 12),
@@ -333,7 +337,9 @@ def run_against_reference(variant: Variant, length: int, iters: int, gate: Gate 
     `reference`: bench/reference_gatys.py (plain autograd through its own VGG16, scipy's L-BFGS-B with its
     defaults and history 8). `default`: the tool's own path, `StyleTransfer("vgg16").stylize(...).run(on_step)`,
     with every default option; each evaluation is timed through the evaluator the run binds. Both get one warm-up
-    evaluation off the clock, at their starting image."""
+    evaluation off the clock, at their starting image. `default-bf16` and `bf16-fp32-*` are the tool with
+    `precision="bf16"` (for `switch_at` iterations, then in fp32 from that image, as a second run would); their
+    curve is the float32 objective, scored off the clock every RECHECK_EVERY iterations."""
     from bench.reference_gatys import Reference
     from bench.weights import weights_for
     from style_transfer import images
@@ -397,8 +403,27 @@ def run_against_reference(variant: Variant, length: int, iters: int, gate: Gate 
         from style_transfer.engines.base import Evaluation
         from style_transfer.transfer import StyleTransfer
 
+        def scorer(st: StyleTransfer) -> Any:
+            """The float32 objective of this problem on an fp32 StyleTransfer (targets computed in float32)."""
+            captured: list[Any] = []
+            plain_bind = st.engine.bind
+
+            def keep(objective: Any) -> Any:
+                captured.append(plain_bind(objective))
+                return captured[-1]
+
+            def stop(_step: Any) -> None:
+                raise StopIteration
+
+            setattr(st.engine, "bind", keep)  # noqa: B010
+            st.stylize(content, [style], length=length, num_iters=1).run(stop)
+            setattr(st.engine, "bind", plain_bind)  # noqa: B010
+            return captured[-1]
+
+        # Every StyleTransfer is made here, in the set-up turn: loading a net is not part of a run's time.
         st = StyleTransfer("vgg16", weights=str(weights), precision=variant.precision)
-        bind = st.engine.bind
+        fp32 = st if variant.precision == "fp32" else StyleTransfer("vgg16", weights=str(weights))
+        checker: Any = None if variant.precision == "fp32" else scorer(fp32)
 
         class Timed:
             def __init__(self, inner: Any) -> None:
@@ -413,22 +438,44 @@ def run_against_reference(variant: Variant, length: int, iters: int, gate: Gate 
 
         bound: list[Any] = []
 
-        def timed_bind(objective: Any) -> Timed:
-            bound[:] = [bind(objective)]
-            return Timed(bound[0])
+        def timed(transfer: StyleTransfer) -> None:
+            plain_bind = transfer.engine.bind
 
-        setattr(st.engine, "bind", timed_bind)  # noqa: B010
-        run = st.stylize(content, [style], length=length, num_iters=iters, lbfgs_memory=variant.memory)
+            def timed_bind(objective: Any) -> Timed:
+                bound[:] = [plain_bind(objective)]
+                return Timed(bound[0])
 
-        def on_step(step: Any) -> None:
-            if step.evaluation is None:  # an iterate scipy did not evaluate itself: scored off the clock
-                with clock.paused():
-                    objective = float(bound[0].evaluate(step.image).loss)
-            else:
-                objective = float(step.evaluation.loss)
-            record(step.image, objective)
+            setattr(transfer.engine, "bind", timed_bind)  # noqa: B010
 
-        result = run.run(on_step)
+        phases = [(st, variant.switch_at or iters)]
+        if variant.switch_at and variant.switch_at < iters:
+            phases.append((fp32, iters - variant.switch_at))
+        init: Any = "content"
+        done = 0
+        for transfer, n in phases:
+            timed(transfer)
+            low = transfer.engine.precision != "fp32"
+
+            def on_step(step: Any, low: bool = low, offset: int = done, last: int = done + n) -> None:
+                number = offset + step.iteration
+                if low:  # a half-precision objective: the curve is the float32 one, scored off the clock
+                    if number % RECHECK_EVERY and number < last:
+                        iterations.append((clock.now(), float("nan"), len(evals)))
+                        return
+                    with clock.paused():
+                        objective = float(checker.evaluate(step.image).loss)
+                elif step.evaluation is None:  # an iterate scipy did not evaluate itself: scored off the clock
+                    with clock.paused():
+                        objective = float(bound[0].evaluate(step.image).loss)
+                else:
+                    objective = float(step.evaluation.loss)
+                record(step.image, objective)
+
+            run = transfer.stylize(content, [style], length=length, num_iters=n, lbfgs_memory=variant.memory,
+                                   init=init)
+            result = run.run(on_step)
+            done += result.iterations
+            init = result.rgb
         final, message = result.x, result.stop_reason
     end = clock.now()
     clock.stop()
