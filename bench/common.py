@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.weights import REPO, weights_for
+from bench.weights import REPO, SHARED, weights_for
 from style_transfer import images
 from style_transfer.caffe_model.loader import load_net
 from style_transfer.caffe_model.net import Net
@@ -23,7 +23,7 @@ from style_transfer.caffe_model.registry import get_model
 from style_transfer.engines import Engine, Evaluation, create_engine
 from style_transfer.losses import Objective, gram_numpy
 
-SHARED_IMAGES = REPO.parent / "shared" / "images"
+SHARED_IMAGES = SHARED / "images"
 CONTENT = SHARED_IMAGES / "content" / "tubingen.jpg"
 STYLE = SHARED_IMAGES / "style" / "starry_night.jpg"
 

@@ -5,12 +5,20 @@
 
 An evaluation is what L-BFGS-B asks for at every step: forward to the deepest used blob, the preset style and
 content losses (Tübingen in the style of Starry Night, as `style.py` builds them), and the gradient with respect to
-the image. Each engine runs in its own worker process (see bench/worker.py); after warm-up the driver alternates the
-engines evaluation by evaluation, and before each round it measures the machine's float32 matrix-multiply throughput
-(NumPy's and torch's sgemm on 3072 x 3072 matrices; the faster counts). The floor of a row is its FLOP count
-(bench/flops.py: convolutions forward and input-gradient backward) divided by the median throughput of its group,
-so `s/floor` compares like with like even on a machine shared with other jobs. CPU-time ratios (process CPU seconds
-against the sgemm's CPU seconds) are reported beside the wall-time ones: they are less disturbed by other jobs.
+the image. Each engine runs in its own worker process (see bench/worker.py) with the environment `style.py` would
+give it (the short OpenMP spin for VGG on the torch engine: style_transfer/openmp.py); after warm-up the driver
+alternates the engines evaluation by evaluation.
+
+Two denominators (bench/floor.py):
+- the sgemm floor: before each round the machine's float32 matrix-multiply throughput is measured (NumPy's and
+  torch's sgemm on 3072 x 3072 matrices, the faster counts) in a probe process of its own, in which
+  OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are unset so that OpenBLAS runs the best kernel it has for the CPU (the
+  kernel is recorded). The floor of a row is its FLOP count (bench/flops.py: convolutions forward and input-gradient
+  backward) divided by the median throughput of its group, so `s/floor` compares like with like even on a machine
+  shared with other jobs. CPU-time ratios (process CPU seconds against the sgemm's CPU seconds) are reported beside
+  the wall-time ones: they are less disturbed by other jobs.
+- the float32 peak: cores x FMA units x vector lanes x 2 x clock, measured once per run; `s/peak` is the row's time
+  over its convolution FLOPs at that rate.
 
 An engine that cannot be created here (pycaffe not built, no CUDA) gets a row saying "unavailable" and why.
 """
@@ -26,65 +34,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench.common import machine
+from bench.floor import Peak, Probe, SgemmProbe, fp32_peak
 from bench.flops import count_model
 from bench.weights import REPO
 from bench.worker import Worker
 
 MODELS = ("vgg19", "vgg16", "googlenet", "caffenet")
-PROBE_SIZE = 3072
-
-
-@dataclass
-class Probe:
-    wall: float
-    cpu: float
-    flops: float
-    source: str
-
-    @property
-    def throughput(self) -> float:
-        return self.flops / self.wall
-
-    @property
-    def cpu_throughput(self) -> float:
-        """FLOPs per CPU-second (all threads together)."""
-        return self.flops / self.cpu
-
-
-class SgemmProbe:
-    """The machine's float32 matmul throughput right now, from NumPy's BLAS and torch's."""
-
-    def __init__(self, n: int = PROBE_SIZE, gpu: int = -1) -> None:
-        rng = np.random.default_rng(0)
-        self.n = n
-        self.a = rng.standard_normal((n, n), dtype=np.float32)
-        self.b = rng.standard_normal((n, n), dtype=np.float32)
-        import torch
-
-        self.device = torch.device("cuda", gpu) if gpu >= 0 else torch.device("cpu")
-        self.ta = torch.from_numpy(self.a).to(self.device)
-        self.tb = torch.from_numpy(self.b).to(self.device)
-        self.measure()  # warm-up: thread pools, page faults
-
-    def measure(self) -> Probe:
-        import torch
-
-        flops = 2.0 * self.n**3
-        probes = []
-        if self.device.type == "cpu":
-            c0, t0 = time.process_time(), time.perf_counter()
-            np.matmul(self.a, self.b)
-            probes.append(Probe(time.perf_counter() - t0, time.process_time() - c0, flops, "numpy"))
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        c0, t0 = time.process_time(), time.perf_counter()
-        torch.mm(self.ta, self.tb)
-        sync()
-        probes.append(Probe(time.perf_counter() - t0, time.process_time() - c0, flops, "torch"))
-        return min(probes, key=lambda p: p.wall)
 
 
 @dataclass
@@ -108,6 +64,7 @@ class Row:
     floor_s: float = 0.0
     cpu_floor_s: float = 0.0
     best_floor_s: float = 0.0
+    peak_s: float = 0.0  # conv FLOPs at the machine's float32 peak
     peak_rss_mb: float = 0.0
     rss_before_mb: float = 0.0
     gpu_peak_mb: float | None = None
@@ -135,6 +92,10 @@ class Row:
         return self.best / self.best_floor_s if self.best_floor_s else float("nan")
 
     @property
+    def peak_ratio(self) -> float:
+        return self.wall / self.peak_s if self.peak_s else float("nan")
+
+    @property
     def cpu_ratio(self) -> float:
         return self.cpu / self.cpu_floor_s if self.cpu_floor_s else float("nan")
 
@@ -148,12 +109,17 @@ class Group:
 
 
 def run_group(model: str, length: int, variants: Sequence[tuple[str, dict[str, Any]]], repeats: int, warmup: int,
-              gpu: int = -1, verbose: bool = False, probe: SgemmProbe | None = None) -> Group:
-    """Time each variant (label, worker config) on one model and size, alternating them evaluation by evaluation."""
+              gpu: int = -1, verbose: bool = False, probe: SgemmProbe | None = None, peak: Peak | None = None
+              ) -> Group:
+    """Time each variant (label, worker config) on one model and size, alternating them evaluation by evaluation.
+    Workers get `style.py`'s environment for their net and engine (the short OpenMP spin for VGG on torch) unless
+    their config says `"style_env": False`."""
+    own_probe = probe is None
     probe = probe or SgemmProbe(gpu=gpu)
     workers: list[tuple[Row, Worker]] = []
     for label, extra in variants:
-        config = {"model": model, "length": length, "gpu": gpu, "warmup": warmup, "verbose": verbose, **extra}
+        config = {"model": model, "length": length, "gpu": gpu, "warmup": warmup, "verbose": verbose,
+                  "style_env": True, **extra}
         worker = Worker(config)
         info = worker.start()
         row = Row(model, length, str(config["engine"]), label, str(info.get("status")),
@@ -196,6 +162,10 @@ def run_group(model: str, length: int, variants: Sequence[tuple[str, dict[str, A
             row.floor_s = work.conv_flops / throughput
             row.cpu_floor_s = work.conv_flops / cpu_throughput
             row.best_floor_s = work.conv_flops / best_throughput
+            if peak is not None:
+                row.peak_s = work.conv_flops / peak.flops
+    if own_probe:
+        probe.close()
     return Group(model, length, [row for row, _ in workers], probes)
 
 
@@ -203,7 +173,7 @@ def markdown(groups: Sequence[Group], reference: str = "caffe") -> str:
     """The table for BENCHMARKS.md; `x ref` is each row's median time over the reference row's in its group (the
     row labelled `reference`), `best x ref` the same for the fastest evaluations."""
     head = ("| model | size (HxW) | engine | s / eval | best s | CPU s / eval | conv GFLOP | floor s | s / floor "
-            "| best / best floor | CPU s / CPU floor | peak RSS MB | faults / eval "
+            "| best / best floor | CPU s / CPU floor | peak s | s / peak | peak RSS MB | faults / eval "
             f"| x {reference} | best x {reference} |")
     columns = head.count("|") - 1
     lines = [head, "|" + "---|" * columns]
@@ -220,7 +190,8 @@ def markdown(groups: Sequence[Group], reference: str = "caffe") -> str:
             lines.append(
                 f"| {row.model} | {row.height}x{row.width} | {row.label} | {row.wall:.3f} | {row.best:.3f} | "
                 f"{row.cpu:.3f} | {row.conv_gflop:.1f} | {row.floor_s:.3f} | {row.ratio:.3f} | {row.best_ratio:.3f} | "
-                f"{row.cpu_ratio:.3f} | {row.peak_rss_mb:.0f}{gpu} | {statistics.median(row.minflts):.0f} | {versus} | "
+                f"{row.cpu_ratio:.3f} | {_num(row.peak_s)} | {_num(row.peak_ratio)} | {row.peak_rss_mb:.0f}{gpu} | "
+                f"{statistics.median(row.minflts):.0f} | {versus} | "
                 f"{best_versus} |")
     return "\n".join(lines)
 
@@ -228,18 +199,23 @@ def markdown(groups: Sequence[Group], reference: str = "caffe") -> str:
 def compact(groups: Sequence[Group], reference: str = "caffe") -> str:
     """The short table for BENCHMARKS.md: median seconds, the floor ratio (median and best), peak RSS, and the
     ratio to the reference row of the group."""
-    lines = [f"| model | size | engine | s / eval | s / floor | best / best floor | peak RSS MB | x {reference} |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model | size | engine | s / eval | s / floor | best / best floor | s / peak | peak RSS MB "
+             f"| x {reference} |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         ref = next((r for r in g.rows if r.label == reference and r.walls), None)
         for row in g.rows:
             if not row.walls:
-                lines.append(f"| {row.model} | {row.length} px | {row.label} | {row.status}: {row.reason} | | | | |")
+                lines.append(f"| {row.model} | {row.length} px | {row.label} | {row.status}: {row.reason} | | | | | |")
                 continue
             versus = f"{row.wall / ref.wall:.2f}" if ref is not None else "-"
             lines.append(f"| {row.model} | {row.height}x{row.width} | {row.label} | {row.wall:.3f} | {row.ratio:.2f} "
-                         f"| {row.best_ratio:.2f} | {row.peak_rss_mb:.0f} | {versus} |")
+                         f"| {row.best_ratio:.2f} | {_num(row.peak_ratio, 2)} | {row.peak_rss_mb:.0f} | {versus} |")
     return "\n".join(lines)
+
+
+def _num(value: float, digits: int = 3) -> str:
+    return "-" if value != value or not value else f"{value:.{digits}f}"
 
 
 def load(path: Path) -> tuple[list[Group], dict[str, Any]]:
@@ -253,12 +229,28 @@ def load(path: Path) -> tuple[list[Group], dict[str, Any]]:
     return groups, dict(data.get("machine", {}))
 
 
-def probe_summary(groups: Sequence[Group]) -> str:
+def probe_summary(groups: Sequence[Group], extra: dict[str, Any] | None = None) -> str:
+    """The two denominators: the sgemm floor (with the kernel that ran) and the float32 peak (with its factors)."""
     tps = [p.throughput / 1e9 for g in groups for p in g.probes]
-    if not tps:
-        return ""
-    return (f"sgemm throughput over the run: median {statistics.median(tps):.0f} GFLOP/s, "
-            f"range {min(tps):.0f}-{max(tps):.0f} ({len(tps)} probes)")
+    lines = []
+    if tps:
+        sources = sorted({p.source for g in groups for p in g.probes})
+        lines.append(f"sgemm floor over the run: median {statistics.median(tps):.0f} GFLOP/s, range "
+                     f"{min(tps):.0f}-{max(tps):.0f} ({len(tps)} probes; fastest source: {', '.join(sources)})")
+    extra = extra or {}
+    probe = extra.get("probe")
+    if probe:
+        kernels = "; ".join(", ".join(f"{k} {v}" for k, v in kern.items()) for kern in probe.get("kernels", []))
+        lines.append(f"probe process (OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset there; the parent had "
+                     f"{probe.get('parent_pinning')}): {kernels}")
+    peak = extra.get("peak")
+    if peak:
+        lines.append(f"fp32 peak {peak['gflops']:.0f} GFLOP/s = {peak['cores']} cores x {peak['fma_units']} FMA units "
+                     f"({peak['fma_units_from']}) x {peak['lanes']} lanes x 2 x {peak['clock_ghz']:.2f} GHz "
+                     f"({peak['clock_from']}); /proc/cpuinfo {peak['cpuinfo_mhz']} MHz, measured clock "
+                     f"{_num(peak['measured_clock_ghz'] or 0, 2)} GHz, measured FMA throughput "
+                     f"{_num(peak['measured_fma_gflops'] or 0, 0)} GFLOP/s")
+    return "\n".join(lines)
 
 
 def save(path: Path, groups: Sequence[Group], extra: dict[str, Any]) -> None:
@@ -283,11 +275,14 @@ def main() -> None:
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--render", type=Path, metavar="JSON", help="print the tables of a saved run and stop")
     ap.add_argument("--reference", default="caffe", help="row label the last column compares with")
+    ap.add_argument("--no-style-env", action="store_true",
+                    help="workers without style.py's environment (no short OpenMP spin for VGG on torch)")
+    ap.add_argument("--fma-units", type=int, help="FMA units per core for the peak, instead of measuring them")
     args = ap.parse_args()
     if args.render:
         saved, saved_info = load(args.render)
         print("Machine: " + ", ".join(f"{k} {v}" for k, v in saved_info.items()))
-        print(probe_summary(saved))
+        print(probe_summary(saved, json.loads(args.render.read_text())))
         print()
         print(compact(saved, args.reference))
         print()
@@ -297,23 +292,27 @@ def main() -> None:
     if args.env:
         info["worker_env"] = " ".join(args.env)
     started = time.time()
+    peak = fp32_peak(args.fma_units)
     probe = SgemmProbe(gpu=args.gpu)
+    extra: dict[str, Any] = {"machine": info, "peak": {**asdict(peak), "gflops": peak.flops / 1e9},
+                             "probe": probe.info}
     groups = []
     for model in args.models:
         for length in args.lengths:
             print(f"{model} at {length} px", flush=True)
             env = dict(item.split("=", 1) for item in args.env)
-            variants = [(e, {"engine": e, "env": env, **({"threads": args.threads} if args.threads else {})})
-                        for e in args.engines]
+            variants = [(e, {"engine": e, "env": env, "style_env": not args.no_style_env,
+                             **({"threads": args.threads} if args.threads else {})}) for e in args.engines]
             groups.append(run_group(model, length, variants, args.repeats, args.warmup, args.gpu, args.verbose,
-                                    probe))
-            save(args.json, groups, {"machine": info})
+                                    probe, peak))
+            save(args.json, groups, extra)
+    probe.close()
     info["load_average_end"] = machine()["load_average"]
     info["minutes"] = f"{(time.time() - started) / 60:.1f}"
-    save(args.json, groups, {"machine": info})
+    save(args.json, groups, extra)
     print()
     print("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    print(probe_summary(groups))
+    print(probe_summary(groups, extra))
     print()
     print(compact(groups))
     print()

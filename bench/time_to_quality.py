@@ -34,7 +34,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -55,12 +55,20 @@ _COLOUR_SQRT_RGB = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.
 class Variant:
     name: str
     memory: int
-    engine: str = "fast"  # "fast" (today's engine) or "plain" (the engine as first committed)
+    # "fast" (today's engine in the loop below), "plain" (the engine as first committed), "reference"
+    # (bench/reference_gatys.py) or "tool" (the tool's own StyleTransfer path)
+    engine: str = "fast"
     param: str = "pixels"  # "pixels", "colour" or "dct"
     precision: str = "fp32"  # the torch engine's precision; "bf16" objectives are re-measured in fp32 off the clock
+    switch_at: int = 0  # "tool" only: after this many iterations in `precision`, go on in fp32 from that image
 
 
 VARIANTS = {v.name: v for v in [
+    Variant("reference", 8, engine="reference"),
+    Variant("default", 8, engine="tool"),
+    Variant("default-bf16", 8, engine="tool", precision="bf16"),
+    Variant("bf16-fp32-128", 8, engine="tool", precision="bf16", switch_at=128),
+    Variant("bf16-fp32-256", 8, engine="tool", precision="bf16", switch_at=256),
     Variant("plain-m8", 8, engine="plain"),
     Variant("m8", 8),
     Variant("m12", 12),
@@ -220,7 +228,7 @@ def run_variant(variant: Variant, length: int, iters: int, model: str = "vgg16",
     gate = gate or Gate(None, None)
     gate.acquire()  # set-up and warm-up in a turn of their own, off the clock
     engine = _make_engine(variant.engine, model, variant.precision)
-    images_kw = {} if pair is None else {"content_path": pair[0], "style_path": pair[1]}
+    images_kw: dict[str, Any] = {} if pair is None else {"content_path": pair[0], "style_path": pair[1]}
     case = build_case(model, "torch", length, engine=engine, **images_kw)
     case.evaluate(case.x0)
     checker = None
@@ -306,6 +314,224 @@ def run_variant(variant: Variant, length: int, iters: int, model: str = "vgg16",
             "message": str(res.message), "fraction_at_bounds": at_bounds}
 
 
+def _problem(length: int, pair: tuple[Path, Path] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Content and style as RGB in [0, 1] at the sizes the tool uses (style at 1.2 x `length`), read once by the
+    harness, so that the reference and the tool optimise the very same problem."""
+    from bench.common import CONTENT, STYLE, load_rgb
+    from style_transfer import images
+
+    content_path, style_path = pair or (CONTENT, STYLE)
+    for path in (content_path, style_path):
+        if not Path(path).exists():  # load_rgb would make up an image: not for a time-to-quality study
+            raise SystemExit(f"{path} does not exist (set STYLE_TRANSFER_SHARED to the shared folder)")
+    content = images.resize_long_side(load_rgb(content_path, 1), length)
+    style = images.resize_long_side(load_rgb(style_path, 2), round(length * 1.2))
+    return content, style
+
+
+def run_against_reference(variant: Variant, length: int, iters: int, gate: Gate | None = None,
+                          snapshots: Path | None = None, pair: tuple[Path, Path] | None = None,
+                          seconds: float | None = None) -> dict[str, Any]:
+    """One side of the tool-against-reference comparison, on the same clock and turns as `run_variant`.
+
+    `reference`: bench/reference_gatys.py (plain autograd through its own VGG16, scipy's L-BFGS-B with its
+    defaults and history 8). `default`: the tool's own path, `StyleTransfer("vgg16").stylize(...).run(on_step)`,
+    with every default option; each evaluation is timed through the evaluator the run binds. Both get one warm-up
+    evaluation off the clock, at their starting image. `default-bf16` and `bf16-fp32-*` are the tool with
+    `precision="bf16"` (for `switch_at` iterations, then in fp32 from that image, as a second run would); their
+    curve is the float32 objective, scored off the clock every RECHECK_EVERY iterations."""
+    from bench.reference_gatys import Reference
+    from bench.weights import weights_for
+    from style_transfer import images
+
+    gate = gate or Gate(None, None)
+    gate.acquire()  # set-up in a turn of its own, off the clock
+    content, style = _problem(length, pair)
+    x0 = images.preprocess(content)
+    clock = Clock()
+    evals: list[tuple[float, float]] = []
+    iterations: list[tuple[float, float, int]] = []
+    pending = list(SNAPSHOT_SECONDS)
+    saved: list[tuple[float, int, str]] = []
+    warm = {"done": False}
+
+    def snapshot(x: np.ndarray, at: float, label: str) -> None:
+        if snapshots is None:
+            return
+        with clock.paused():
+            snapshots.mkdir(parents=True, exist_ok=True)
+            out = snapshots / f"{variant.name}-{label}.png"
+            images.save_image(out, images.deprocess(np.asarray(x, np.float32).reshape(x0.shape)))
+            saved.append((at, len(iterations), out.name))
+
+    def turn(evaluate: Callable[[Any], Any], arg: Any) -> Any:
+        # Asking for the next evaluation ends this run's turn; the clock runs only inside turns.
+        clock.stop()
+        gate.release()
+        gate.acquire()
+        if not warm["done"]:
+            evaluate(arg)
+            warm["done"] = True
+        clock.start()
+        return evaluate(arg)
+
+    def record(x: np.ndarray, objective: float) -> None:
+        now = clock.now()
+        iterations.append((now, objective, len(evals)))
+        while pending and now >= pending[0]:
+            snapshot(x, now, f"{pending.pop(0):04d}s")
+        if seconds is not None and now >= seconds:
+            raise StopIteration
+
+    weights, kind = weights_for("vgg16")
+    if kind != "real":
+        raise SystemExit(f"the real VGG16 weights are not at {weights_for('vgg16')[0]} (set STYLE_TRANSFER_SHARED)")
+    if variant.engine == "reference":
+        ref = Reference(weights, x0, images.preprocess(style), pooling="avg", ratio=1e4)
+
+        def fun(xflat: np.ndarray) -> tuple[float, np.ndarray]:
+            loss, grad = turn(ref.fun, xflat)
+            evals.append((clock.now(), loss))
+            return loss, grad
+
+        def callback(intermediate_result: Any) -> None:
+            record(np.asarray(intermediate_result.x), float(intermediate_result.fun))
+
+        res = ref.minimize(x0, iters, variant.memory, fun=fun, callback=callback)
+        final, message = np.asarray(res.x, np.float32).reshape(x0.shape), str(res.message)
+    else:
+        from style_transfer.engines.base import Evaluation
+        from style_transfer.transfer import StyleTransfer
+
+        def scorer(st: StyleTransfer) -> Any:
+            """The float32 objective of this problem on an fp32 StyleTransfer (targets computed in float32)."""
+            captured: list[Any] = []
+            plain_bind = st.engine.bind
+
+            def keep(objective: Any) -> Any:
+                captured.append(plain_bind(objective))
+                return captured[-1]
+
+            def stop(_step: Any) -> None:
+                raise StopIteration
+
+            setattr(st.engine, "bind", keep)  # noqa: B010
+            st.stylize(content, [style], length=length, num_iters=1).run(stop)
+            setattr(st.engine, "bind", plain_bind)  # noqa: B010
+            return captured[-1]
+
+        # Every StyleTransfer is made here, in the set-up turn: loading a net is not part of a run's time.
+        st = StyleTransfer("vgg16", weights=str(weights), precision=variant.precision)
+        fp32 = st if variant.precision == "fp32" else StyleTransfer("vgg16", weights=str(weights))
+        checker: Any = None if variant.precision == "fp32" else scorer(fp32)
+
+        class Timed:
+            def __init__(self, inner: Any) -> None:
+                self.inner = inner
+
+            def evaluate(self, image: np.ndarray) -> Evaluation:
+                ev: Evaluation = turn(self.inner.evaluate, image)
+                evals.append((clock.now(), ev.loss))
+                return ev
+
+            __call__ = evaluate
+
+        bound: list[Any] = []
+
+        def timed(transfer: StyleTransfer) -> None:
+            plain_bind = transfer.engine.bind
+
+            def timed_bind(objective: Any) -> Timed:
+                bound[:] = [plain_bind(objective)]
+                return Timed(bound[0])
+
+            setattr(transfer.engine, "bind", timed_bind)  # noqa: B010
+
+        phases = [(st, variant.switch_at or iters)]
+        if variant.switch_at and variant.switch_at < iters:
+            phases.append((fp32, iters - variant.switch_at))
+        init: Any = "content"
+        done = 0
+        for transfer, n in phases:
+            timed(transfer)
+            low = transfer.engine.precision != "fp32"
+
+            def on_step(step: Any, low: bool = low, offset: int = done, last: int = done + n) -> None:
+                number = offset + step.iteration
+                if low:  # a half-precision objective: the curve is the float32 one, scored off the clock
+                    if number % RECHECK_EVERY and number < last:
+                        iterations.append((clock.now(), float("nan"), len(evals)))
+                        return
+                    with clock.paused():
+                        objective = float(checker.evaluate(step.image).loss)
+                elif step.evaluation is None:  # an iterate scipy did not evaluate itself: scored off the clock
+                    with clock.paused():
+                        objective = float(bound[0].evaluate(step.image).loss)
+                else:
+                    objective = float(step.evaluation.loss)
+                record(step.image, objective)
+
+            run = transfer.stylize(content, [style], length=length, num_iters=n, lbfgs_memory=variant.memory,
+                                   init=init)
+            result = run.run(on_step)
+            done += result.iterations
+            init = result.rgb
+        final, message = result.x, result.stop_reason
+    end = clock.now()
+    clock.stop()
+    snapshot(final, end, "end")
+    if snapshots is not None:
+        np.save(snapshots / f"{variant.name}-final.npy", final)
+    gate.release()
+    lower, upper = images.pixel_bounds(*x0.shape[1:])
+    at_bounds = float(np.mean((final <= lower + 1e-3) | (final >= upper - 1e-3)))
+    return {"variant": variant.name, "memory": variant.memory, "engine": variant.engine, "param": "pixels",
+            "precision": variant.precision, "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+            "weights": str(weights), "pair": [str(p) for p in (pair or _default_pair())],
+            "length": length, "height": x0.shape[1], "width": x0.shape[2],
+            "iters": iters, "evals": evals, "iterations": iterations, "snapshots": saved,
+            "message": message, "fraction_at_bounds": at_bounds}
+
+
+def _default_pair() -> tuple[Path, Path]:
+    from bench.common import CONTENT, STYLE
+
+    return CONTENT, STYLE
+
+
+def cross_score(path: Path, length: int, pair: tuple[Path, Path] | None = None) -> dict[str, dict[str, float]]:
+    """Each run's final image scored off the clock by both implementations in float32: the reference's autograd
+    objective and the tool's evaluator. They agree to float32 rounding when the two solve the same problem."""
+    from bench.reference_gatys import Reference
+    from bench.weights import weights_for
+    from style_transfer import images
+    from style_transfer.transfer import StyleTransfer
+
+    content, style = _problem(length, pair)
+    weights, _kind = weights_for("vgg16")
+    ref = Reference(weights, images.preprocess(content), images.preprocess(style), pooling="avg", ratio=1e4)
+    st = StyleTransfer("vgg16", weights=str(weights))
+    captured: list[Any] = []
+    bind = st.engine.bind
+
+    def keep(objective: Any) -> Any:
+        captured.append(bind(objective))
+        return captured[-1]
+
+    def stop(_step: Any) -> None:
+        raise StopIteration
+
+    setattr(st.engine, "bind", keep)  # noqa: B010
+    st.stylize(content, [style], length=length, num_iters=1).run(stop)
+    tool = captured[-1]
+    folder = path.with_name(path.stem + "-snapshots")
+    out: dict[str, dict[str, float]] = {}
+    for final in sorted(folder.glob("*-final.npy")):
+        x = np.load(final)
+        out[final.name.removesuffix("-final.npy")] = {"reference": ref.score(x), "tool": float(tool.evaluate(x).loss)}
+    return out
+
+
 def lbfgsb_overhead(n: int, memory: int, iters: int = 40, seed: int = 0) -> float:
     """CPU seconds per iteration that scipy's L-BFGS-B spends on its own work (the objective excluded) for `n`
     bounded variables: a badly scaled quadratic whose minimum lies outside the box for about 8% of them, so that
@@ -345,18 +571,35 @@ def reach(run: dict[str, Any], target: float) -> tuple[float, int] | None:
     return None
 
 
-def report(path: Path, plot: bool = True) -> str:
+BASELINES = ("reference", "plain-m8", "m8")
+
+
+def baseline_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run the others are measured against: the independent reference when the file has one."""
+    for name in BASELINES:
+        for r in runs:
+            if r["variant"] == name:
+                return r
+    raise ValueError("no baseline run (reference, plain-m8 or m8) in the file")
+
+
+def report(path: Path, plot: bool = True, within: float = 1.02) -> str:
+    """The table: each run's time to reach `within` times the baseline's final objective (its objective after
+    all its iterations), and the speed-up over the baseline's own time to reach it."""
     data = json.loads(path.read_text())
     runs: list[dict[str, Any]] = data["runs"]
-    ref = next((r for r in runs if r["variant"] == "plain-m8"), None) or next(r for r in runs
-                                                                             if r["variant"] == "m8")
-    target = ref["iterations"][-1][1]
-    ref_time = ref["iterations"][-1][0]
-    lines = [f"Target: the objective of `{ref['variant']}` after {len(ref['iterations'])} iterations, "
-             f"{target:.4g}, reached in {ref_time:.0f} s.", "",
+    ref = baseline_of(runs)
+    final_ref = ref["iterations"][-1][1]
+    target = within * final_ref
+    ref_reached = reach(ref, target)
+    assert ref_reached is not None  # the baseline reaches its own final objective at the latest
+    ref_time = ref_reached[0]
+    lines = [f"Target: {within:g} x the objective of `{ref['variant']}` after {len(ref['iterations'])} iterations "
+             f"({final_ref:.5g}), i.e. {target:.5g}; `{ref['variant']}` reaches it in {ref_time:.0f} s.", "",
              "| variant | s / turn (evaluation + optimiser), median | evaluations to target | time to target | "
-             "speed-up | objective at half the reference's time | final objective | pixels at a bound |",
-             "|---|---|---|---|---|---|---|---|"]
+             "speed-up | objective at half the baseline's time to target | iterations | final objective | "
+             "pixels at a bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         walls = np.diff([0.0] + [e[0] for e in r["evals"]])
         per_turn = float(np.median(walls)) if len(walls) else float("nan")
@@ -365,10 +608,17 @@ def report(path: Path, plot: bool = True) -> str:
         reached = reach(r, target)
         cells = f"{reached[1]} | {reached[0]:.0f} s | {ref_time / reached[0]:.2f}x" if reached else \
             "- | not reached | -"
-        half = f"{at_half[-1] / target:.3f} x target" if at_half else "-"
-        final = f"{curve[-1][1] / target:.3f} x target" if curve else "-"
-        lines.append(f"| {r['variant']} | {per_turn:.3f} s | {cells} | {half} | {final} | "
+        half = f"{at_half[-1] / final_ref:.3f} x" if at_half else "-"
+        final = f"{curve[-1][1] / final_ref:.4f} x" if curve else "-"
+        lines.append(f"| {r['variant']} | {per_turn:.3f} s | {cells} | {half} | {len(r['iterations'])} | {final} | "
                      f"{r['fraction_at_bounds']:.2%} |")
+    lines.append("")
+    lines.append(f"Objectives as multiples of `{ref['variant']}`'s final objective; the load average when each run "
+                 "ended: " + ", ".join(f"{k} {v}" for k, v in data.get("load_average_end", {}).items()) + ".")
+    scores = data.get("cross_scores")
+    if scores:
+        lines.append("Final images scored again off the clock in float32 by both implementations: " + "; ".join(
+            f"{name}: reference {v['reference']:.6g}, tool {v['tool']:.6g}" for name, v in scores.items()) + ".")
     if plot:
         _plot(runs, target, path)
     return "\n".join(lines)
@@ -413,12 +663,14 @@ def main() -> None:
     run = sub.add_parser("run")
     run.add_argument("--length", type=int, default=256)
     run.add_argument("--iters", type=int, default=512)
-    run.add_argument("--variants", nargs="+", default=["plain-m8", "m8", "m12", "m20", "bf16-m20"],
+    run.add_argument("--variants", nargs="+", default=["reference", "default"],
                      choices=list(VARIANTS))
     run.add_argument("--short-iters", type=int, default=0,
                      help="iterations for the colour and dct variants (0: as many as --iters); enough to see "
                           "whether their curve runs ahead of m8's")
     run.add_argument("--json", type=Path)
+    run.add_argument("--within", type=float, default=1.02,
+                     help="target: this multiple of the baseline's objective after all its iterations")
     one = sub.add_parser("one", help="run a single variant in this process and print its JSON")
     one.add_argument("variant", choices=list(VARIANTS))
     one.add_argument("--length", type=int, default=256)
@@ -430,6 +682,8 @@ def main() -> None:
         p.add_argument("--seconds", type=float, help="end each run when its clock passes this many seconds")
     rep = sub.add_parser("report")
     rep.add_argument("json", type=Path)
+    rep.add_argument("--within", type=float, default=1.02,
+                     help="target: this multiple of the baseline's objective after all its iterations")
     sheet = sub.add_parser("sheet", help="the snapshots of some variants side by side at equal wall times")
     sheet.add_argument("json", type=Path)
     sheet.add_argument("--variants", nargs="+", required=True)
@@ -451,20 +705,22 @@ def main() -> None:
         outbox = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)
         sys.stdout = sys.stderr
-        if VARIANTS[args.variant].engine == "fast":
+        variant = VARIANTS[args.variant]
+        if variant.engine in ("fast", "tool"):
             from style_transfer.openmp import prefer_short_spin
 
             prefer_short_spin(["vgg16"], "torch")  # as style.py does for this net, before torch loads
         pair = (args.content, args.style) if args.content and args.style else None
-        result = run_variant(VARIANTS[args.variant], args.length, args.iters, gate=Gate(sys.stdin, outbox),
-                             snapshots=args.snapshots, pair=pair, seconds=args.seconds)
+        runner = run_against_reference if variant.engine in ("reference", "tool") else run_variant
+        result = runner(variant, args.length, args.iters, gate=Gate(sys.stdin, outbox), snapshots=args.snapshots,
+                        pair=pair, seconds=args.seconds)
         # The driver's next "go" is answered with the result instead of an evaluation.
         sys.stdin.readline()
         outbox.write(json.dumps(result) + "\n")
         outbox.flush()
         return
     if args.command == "report":
-        print(report(args.json))
+        print(report(args.json, within=args.within))
         return
     if args.command == "sheet":
         make_sheet(args.json, args.variants, args.out)
@@ -514,7 +770,12 @@ def main() -> None:
         count += 1
         if count % 50 == 0:
             print(f"  round {count}, load {_load()}", file=sys.stderr, flush=True)
-    print(report(target))
+    payload["machine"]["load_average_end"] = _load()
+    if any(r["engine"] in ("reference", "tool") for r in payload["runs"]):
+        pair = (args.content, args.style) if args.content and args.style else None
+        payload["cross_scores"] = cross_score(target, args.length, pair)
+        target.write_text(json.dumps(payload))
+    print(report(target, within=args.within))
 
 
 def make_sheet(path: Path, variants: list[str], out: Path, tile_width: int = 384) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.common import machine
 from bench.evaluations import Group, markdown, probe_summary, run_group, save
+from bench.floor import SgemmProbe, fp32_peak
 from bench.weights import REPO
 from style_transfer.engines.torch import Tuning
 
@@ -39,6 +40,43 @@ LEAVE_OUT: list[tuple[str, dict[str, Any]]] = [
     ("winograd", {"winograd": False}),
     ("winograd, NCHW kept", {"winograd": False, "channels_last": False}),
 ]
+
+
+# Candidates of issue 15 that need no change to the engine: its existing switches, precision, threads and OpenMP's
+# waiting policy. Each is a worker config for run_group (and a profile for bench/profile_layers.py). "default" is
+# the engine as style.py runs it; every worker also gets style.py's environment (the short spin for VGG) unless
+# its own env sets the variable first.
+ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # oneDNN for every layer, channels-last (NHWC) activations: no Winograd.
+    "channels_last": {"tuning": {"channels_last": True, "winograd": False}},
+    # oneDNN for every layer in NCHW.
+    "nchw": {"tuning": {"channels_last": False, "winograd": False}},
+    # Convolutions in bfloat16 under autocast (oneDNN; AMX or AVX512-BF16 where the CPU has them), Gram matrices
+    # and losses in float32.
+    "bf16": {"precision": "bf16"},
+    # libgomp's default spin (style.py shortens it for VGG), and no spin at all.
+    "spin_default": {"env": {"GOMP_SPINCOUNT": "300000"}},
+    "spin_passive": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}},
+    "channels_last_spin_default": {"tuning": {"channels_last": True, "winograd": False},
+                                   "env": {"GOMP_SPINCOUNT": "300000"}},
+    "one_thread": {"threads": 1},
+}
+
+
+def candidate_configs(names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Worker configs (bench/worker.py) for ENGINE_VARIANTS by name."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for name in names:
+        spec = ENGINE_VARIANTS[name]
+        config: dict[str, Any] = {"engine": "torch", "env": dict(spec.get("env", {}))}
+        if "tuning" in spec:
+            config["tuning"] = {**asdict(Tuning()), **spec["tuning"]}
+        for key in ("precision", "threads", "mkldnn"):
+            if key in spec:
+                config[key] = spec[key]
+        out.append((name, config))
+    return out
 
 
 def variants(baseline_rev: str | None, leave_one_out: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -71,23 +109,31 @@ def main() -> None:
     ap.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the original engine ('' to skip)")
     ap.add_argument("--leave-one-out", action="store_true")
     ap.add_argument("--only", nargs="*", help="run only the variants with these labels")
+    ap.add_argument("--candidates", nargs="*", choices=list(ENGINE_VARIANTS),
+                    help="run these ENGINE_VARIANTS side by side instead of the cumulative steps")
+    ap.add_argument("--reference", default="plain", help="row label the last column compares with")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every worker (0: the engine's choice)")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "torch_variants.json")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
-    chosen = variants(args.baseline_rev or None, args.leave_one_out)
+    chosen = candidate_configs(args.candidates) if args.candidates else \
+        variants(args.baseline_rev or None, args.leave_one_out)
     if args.only:
         chosen = [v for v in chosen if v[0] in args.only]
     if args.threads:
         chosen = [(label, {**config, "threads": args.threads}) for label, config in chosen]
     info = machine()
-    group: Group = run_group(args.model, args.length, chosen, args.repeats, args.warmup, verbose=args.verbose)
+    peak = fp32_peak()
+    with SgemmProbe() as probe:
+        group: Group = run_group(args.model, args.length, chosen, args.repeats, args.warmup, verbose=args.verbose,
+                                 probe=probe, peak=peak)
+        extra = {"machine": info, "peak": {**asdict(peak), "gflops": peak.flops / 1e9}, "probe": probe.info}
     info["load_average_end"] = machine()["load_average"]
-    save(args.json, [group], {"machine": info})
+    save(args.json, [group], extra)
     print("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    print(probe_summary([group]))
+    print(probe_summary([group], extra))
     print()
-    print(markdown([group], reference="plain"))
+    print(markdown([group], reference=args.reference))
 
 
 if __name__ == "__main__":

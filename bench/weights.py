@@ -18,7 +18,29 @@ from style_transfer.caffe_model.reader import read_prototxt, read_prototxt_messa
 from style_transfer.caffe_model.registry import get_model
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_VGG16 = REPO.parent / "shared" / "models" / "vgg16_hed.caffemodel"
+
+
+def shared_dir(repo: Path = REPO) -> Path:
+    """The shared folder of real weights and images: $STYLE_TRANSFER_SHARED, else `shared` beside the repository,
+    else beside the main checkout when this is a git worktree elsewhere (whose parent has no `shared`)."""
+    if os.environ.get("STYLE_TRANSFER_SHARED"):
+        return Path(os.environ["STYLE_TRANSFER_SHARED"])
+    beside = repo.parent / "shared"
+    if beside.exists():
+        return beside
+    git = repo / ".git"
+    if git.is_file():  # a worktree: ".git" names its folder inside the main checkout's .git/worktrees/
+        text = git.read_text().strip()
+        if text.startswith("gitdir:"):
+            common = Path(text.split(":", 1)[1].strip()).resolve().parents[1]  # the main checkout's .git
+            main_beside = common.parent.parent / "shared"
+            if main_beside.exists():
+                return main_beside
+    return beside
+
+
+SHARED = shared_dir()
+SHARED_VGG16 = SHARED / "models" / "vgg16_hed.caffemodel"
 CACHE = Path(os.environ.get("STYLE_TRANSFER_BENCH_CACHE", Path.home() / ".cache" / "style-transfer" / "bench"))
 
 

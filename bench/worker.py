@@ -77,6 +77,11 @@ def serve(inbox: IO[str], outbox: IO[str]) -> None:
     config = json.loads(inbox.readline())
     # Settings that libraries read once, when torch loads them (OpenMP's spin count, for one): before any import.
     os.environ.update({str(k): str(v) for k, v in config.get("env", {}).items()})
+    if config.get("style_env"):
+        from style_transfer.openmp import prefer_short_spin
+
+        # What style.py sets for this net and engine (the engine name without a "torch-rev:" suffix).
+        prefer_short_spin([config["model"]], str(config["engine"]).split("-rev:")[0])
     if config.get("threads") or config.get("mkldnn") is False:
         import torch
 

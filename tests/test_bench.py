@@ -233,3 +233,110 @@ def test_time_to_quality_clock_gate_and_reading() -> None:
     assert outbox.getvalue() == "done\n" and inbox.read() == ""
     run = {"iterations": [(1.0, 10.0, 1), (2.0, float("nan"), 2), (3.0, 5.0, 3), (4.0, 4.0, 4)]}
     assert time_to(run, 5.0) == 3.0 and time_to(run, 4.5) == 4.0 and time_to(run, 1.0) is None
+
+
+def test_probe_environment_unpins_openblas_in_the_child_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from bench.floor import PINNING_VARIABLES, probe_environment
+
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "1048576")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    env = probe_environment()
+    assert not set(PINNING_VARIABLES) & set(env)
+    assert env["OMP_NUM_THREADS"] == "2"
+    # The caller's own environment (the workers being timed, the tests) keeps them.
+    assert os.environ["OPENBLAS_CORETYPE"] == "Haswell" and os.environ["OPENBLAS_L2_SIZE"] == "1048576"
+
+
+def test_sgemm_probe_runs_unpinned_and_names_its_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("threadpoolctl")
+    from bench.floor import SgemmProbe
+
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    with SgemmProbe(n=64) as probe:
+        probes = probe.measure_all()
+        info = probe.info
+    assert {p.source for p in probes} == {"numpy", "torch"}
+    assert all(p.flops == 2 * 64**3 and p.wall > 0 for p in probes)
+    assert info["pinning"] == {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}
+    assert info["parent_pinning"]["OPENBLAS_CORETYPE"] == "Haswell"
+    blas = [k for k in info["kernels"] if k.get("user_api") == "blas"]
+    assert blas and all({"internal_api", "architecture", "num_threads"} <= k.keys() for k in blas)
+
+
+def test_peak_is_the_product_of_its_factors() -> None:
+    from bench.floor import Peak, fp32_peak
+
+    peak = Peak("cpu", cores=2, lanes=16, fma_units=2, fma_units_from="given", clock_ghz=2.5, clock_from="x",
+                cpuinfo_mhz=2000.0, lscpu_max_mhz=None, measured_clock_ghz=2.5, measured_fma_gflops=300.0)
+    assert peak.flops == 2 * 2 * 16 * 2 * 2.5e9
+    given = fp32_peak(fma_units=1)
+    assert given.fma_units == 1 and given.fma_units_from.startswith("given")
+    assert given.lanes in (4, 8, 16) and given.cores >= 1 and given.clock_ghz > 0
+    # The peak bounds every clock it was told about from above.
+    assert given.clock_ghz * 1e3 >= (given.cpuinfo_mhz or 0.0)
+
+
+def test_markdown_reports_the_peak_ratio() -> None:
+    row = Row("vgg19", 512, "torch", "torch", "ready", height=384, width=512, walls=[1.0, 1.2, 1.1],
+              cpus=[2.0, 2.0, 2.0], minflts=[0, 0, 0], conv_gflop=284.0, floor_s=0.5, cpu_floor_s=1.0,
+              best_floor_s=0.5, peak_s=0.25)
+    lines = markdown([Group("vgg19", 512, [row], [])]).splitlines()
+    header = [c.strip() for c in lines[0].split("|")]
+    cells = [c.strip() for c in lines[2].split("|")]
+    assert cells[header.index("s / peak")] == "4.400" and cells[header.index("s / floor")] == "2.200"
+
+
+def test_time_to_quality_report_measures_against_the_reference(tmp_path: Path) -> None:
+    import json
+
+    from bench.time_to_quality import report
+
+    def run(name: str, engine: str, curve: list[tuple[float, float]]) -> dict[str, object]:
+        return {"variant": name, "engine": engine, "evals": [[t, o] for t, o in curve],
+                "iterations": [[t, o, i + 1] for i, (t, o) in enumerate(curve)], "fraction_at_bounds": 0.1}
+
+    # The reference ends at 100 and first gets within 1.02x of it (102) at 40 s; the tool at 20 s.
+    reference = run("reference", "reference", [(10.0, 200.0), (40.0, 101.0), (80.0, 100.0)])
+    default = run("default", "tool", [(10.0, 150.0), (20.0, 102.0), (30.0, 99.0)])
+    path = tmp_path / "ttq.json"
+    path.write_text(json.dumps({"runs": [reference, default], "load_average_end": {"default": "1.00"}}))
+    text = report(path, plot=False)
+    assert "1.02 x the objective of `reference`" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 2 | 20 s | 2.00x |" in rows["default"] and "| 2 | 40 s | 1.00x |" in rows["reference"]
+    assert "| 0.9900 x |" in rows["default"]
+    exact = report(path, plot=False, within=1.0)
+    assert "| 3 | 30 s | 2.67x |" in exact
+
+
+@pytest.mark.slow
+def test_reference_and_tool_give_the_same_objective() -> None:
+    """The time-to-quality baseline optimises the tool's objective: same value and gradient at the same image."""
+    from bench.reference_gatys import Reference
+    from bench.time_to_quality import _problem
+    from bench.weights import weights_for
+    from style_transfer import images
+
+    weights, kind = weights_for("vgg16")
+    if kind != "real":
+        pytest.skip("the real VGG16 weights are not here")
+    content, style = _problem(64, None)
+    x = images.preprocess(content)
+    ref = Reference(weights, x, images.preprocess(style))
+    info = get_model("vgg16")
+    net = load_net(info.prototxt, weights, [*info.style_layers, *info.content_layers], "avg")
+    engine = TorchEngine(net, "avg")
+    objective = Objective(content_weights=dict(info.content_layers), style_weights=dict(info.style_layers),
+                          ratio=1e4, content_targets=engine.features(x, list(info.content_layers)),
+                          style_targets={k: gram_numpy(v)[None] for k, v in
+                                         engine.features(images.preprocess(style), list(info.style_layers)).items()},
+                          style_blend=np.ones(1))
+    rng = np.random.default_rng(0)
+    image = (x + rng.normal(0, 10, x.shape)).astype(np.float32)
+    want = engine.bind(objective)(image)
+    loss, grad = ref.fun(image.astype(np.float64).ravel())
+    assert loss == pytest.approx(want.loss, rel=1e-4)
+    assert _rel(grad.reshape(image.shape), want.grad.astype(np.float64)) < 1e-3
