@@ -283,7 +283,7 @@ def cpu_model() -> str:
 
 def cores() -> int:
     """Physical cores among the CPUs this process may run on."""
-    from style_transfer.engines.torch import physical_cores
+    from style_transfer.engines.cpu import physical_cores
 
     return physical_cores() or len(os.sched_getaffinity(0))
 
