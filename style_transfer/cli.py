@@ -20,7 +20,7 @@ from style_transfer.caffe_model.registry import MODELS
 from style_transfer.errors import StyleTransferError
 from style_transfer.openmp import prefer_short_spin
 from style_transfer.options import OPTIONS, HelpFormatter, Parser, add_arguments, defaults, init_kind, values_for
-from style_transfer.util import check_writable, reason, write_json
+from style_transfer.util import check_writable, guarded, reason, write_json
 
 ANIMATION_FORMATS = (".gif", ".webp", ".png", ".mp4")
 
@@ -183,20 +183,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("the following arguments are required: -s/--style-img, -c/--content-img")
     # Before anything imports torch.
     prefer_short_spin([args.model] if args.prototxt is None else [], args.engine)
-    try:
-        return run(args)
-    except StyleTransferError as exc:
-        _say(f"error: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        _say("interrupted before the optimisation started; nothing saved")
-        return 130
-    except MemoryError:
-        _say("error: out of memory; try a smaller -l/--length")
-        return 1
-    except Exception as exc:
-        # A bug rather than bad input: one line by default, the traceback with -v.
-        if args.verbose:
-            raise
-        _say(f"error: unexpected {type(exc).__name__}: {exc} (rerun with -v for the traceback)")
-        return 1
+    return guarded(lambda: run(args), verbose=args.verbose, say=_say,
+                   interrupted="interrupted before the optimisation started; nothing saved")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,24 @@ def write_json(path: str | os.PathLike[str], data: dict[str, Any], what: str = "
         raise StyleTransferError(f"cannot write {what} {target}: {reason(exc)}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def guarded(work: Callable[[], int], *, verbose: bool, say: Callable[[str], None], interrupted: str) -> int:
+    """A command's exit code with every failure as one line: the user's (StyleTransferError, memory), Ctrl-C
+    (`interrupted` says what was kept), and a bug, whose traceback only -v shows."""
+    try:
+        return work()
+    except StyleTransferError as exc:
+        say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say(interrupted)
+        return 130
+    except MemoryError:
+        say("error: out of memory; try a smaller -l/--length")
+        return 1
+    except Exception as exc:
+        if verbose:
+            raise
+        say(f"error: unexpected {type(exc).__name__}: {exc} (rerun with -v for the traceback)")
+        return 1

@@ -17,7 +17,7 @@ from style_transfer import images
 from style_transfer.errors import StyleTransferError
 from style_transfer.openmp import prefer_short_spin
 from style_transfer.options import HelpFormatter, Parser, add_arguments, defaults, number, values_for, whole
-from style_transfer.util import write_json
+from style_transfer.util import guarded, write_json
 
 # Options of the still-image command that a clip uses as they are. Left out: -c (the input is the clip), -o (a
 # video here), --scales/--min-length (one scale per frame), --save-every/--animation/--report (per-frame reports
@@ -172,19 +172,5 @@ def video_main(argv: Sequence[str]) -> int:
     if not args.style:
         parser.error("the following arguments are required: -s/--style-img")
     prefer_short_spin([args.model] if args.prototxt is None else [], args.engine)
-    try:
-        return run(args)
-    except StyleTransferError as exc:
-        _say(f"error: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        _say("interrupted; finished frames are kept in the work folder")
-        return 130
-    except MemoryError:
-        _say("error: out of memory; try a smaller -l/--length")
-        return 1
-    except Exception as exc:
-        if args.verbose:
-            raise
-        _say(f"error: unexpected {type(exc).__name__}: {exc} (rerun with -v for the traceback)")
-        return 1
+    return guarded(lambda: run(args), verbose=args.verbose, say=_say,
+                   interrupted="interrupted; finished frames are kept in the work folder")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from style_transfer.errors import StyleTransferError
-from style_transfer.util import one_line, reason
+from style_transfer.util import check_writable, one_line, reason
 
 VIDEO_FORMATS = (".mp4",)
 ANIMATED_FORMATS = (".gif", ".webp")
@@ -123,17 +123,10 @@ def check_output(path: str | os.PathLike[str], what: str = "-o/--output") -> Pat
     target = Path(path)
     if target.suffix.lower() not in OUTPUT_FORMATS:
         raise VideoError(f"{what} {target}: use a {', '.join(OUTPUT_FORMATS)} file")
-    if target.is_dir():
-        raise VideoError(f"{what} {target} is a folder")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, scratch = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    except OSError as exc:
-        raise VideoError(f"cannot write {what} {target}: {reason(exc)}") from None
-    os.close(handle)
-    with contextlib.suppress(OSError):
-        os.unlink(scratch)
-    return target
+        return check_writable(target, what)
+    except StyleTransferError as exc:
+        raise VideoError(str(exc)) from None
 
 
 @dataclass(frozen=True)
