@@ -245,10 +245,11 @@ def probe_summary(groups: Sequence[Group], extra: dict[str, Any] | None = None) 
                      f"{probe.get('parent_pinning')}): {kernels}")
     peak = extra.get("peak")
     if peak:
+        nominal = peak["cores"] * peak["fma_units"] * peak["lanes"] * 2 * (peak["cpuinfo_mhz"] or 0) / 1e3
         lines.append(f"fp32 peak {peak['gflops']:.0f} GFLOP/s = {peak['cores']} cores x {peak['fma_units']} FMA units "
                      f"({peak['fma_units_from']}) x {peak['lanes']} lanes x 2 x {peak['clock_ghz']:.2f} GHz "
-                     f"({peak['clock_from']}); /proc/cpuinfo {peak['cpuinfo_mhz']} MHz, measured clock "
-                     f"{_num(peak['measured_clock_ghz'] or 0, 2)} GHz, measured FMA throughput "
+                     f"({peak['clock_from']}); at /proc/cpuinfo's {peak['cpuinfo_mhz']} MHz {nominal:.0f} GFLOP/s; "
+                     f"scalar clock measured {_num(peak['measured_clock_ghz'] or 0, 2)} GHz; measured FMA throughput "
                      f"{_num(peak['measured_fma_gflops'] or 0, 0)} GFLOP/s")
     return "\n".join(lines)
 

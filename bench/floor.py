@@ -13,16 +13,19 @@ internal_api, architecture, num_threads, version).
 came from:
 - cores: the CPUs this process may run on, counted once per physical core;
 - vector lanes: 16 float32 lanes with AVX-512F, 8 with AVX2 + FMA, from /proc/cpuinfo's flags;
-- clock: /proc/cpuinfo's "cpu MHz" (in a virtual machine often the nominal or TSC rate) and lscpu's "CPU max MHz"
-  when the kernel exposes it, and a measured one: a chain of dependent register additions, which retire one per
-  cycle on every x86 core, timed on all cores at once; the highest of these is used, since a peak must bound the
-  measured rates from above;
 - FMA units: not reported by CPUID or the kernel, and SKUs of one family differ (some Xeons have one 512-bit FMA
   unit per core, others two; AMD's Zen 4 executes a 512-bit FMA as two 256-bit halves). So they are measured: twelve
-  independent chains of 512-bit (or 256-bit) FMAs per core, timed against the measured clock, give FMAs per cycle;
-  rounded, that is the unit count. The measured FMA throughput itself is reported too.
-The micro-benchmarks are a small C program compiled with the system's C compiler into the bench cache; without a
-compiler the FMA units come from --fma-units and the clock from /proc/cpuinfo alone.
+  independent chains of 512-bit (or 256-bit) FMAs per core, timed against a chain of dependent register additions
+  (one per cycle on every x86 core: the clock), give FMAs per cycle; rounded, that is the unit count;
+- clock: /proc/cpuinfo's "cpu MHz" (in a virtual machine often the nominal or TSC rate) and lscpu's "CPU max MHz"
+  when the kernel exposes it. Cores may run faster than that (turbo), and slower while executing 512-bit FMAs
+  (Intel's AVX-512 frequency licence), so the clock the FMA units actually ran at is measured too: the FMA rate
+  over the unit count. The highest of these is used, since a peak must bound the measured rates from above. The
+  scalar clock of the addition chain is reported beside it.
+`nominal_flops` is the same product at /proc/cpuinfo's clock alone.
+The micro-benchmarks are a small C program compiled with the system's C compiler into the bench cache, run on all
+cores at once (one process pinned to each), best of 20 repeats; without a compiler the FMA units come from
+--fma-units and the clock from /proc/cpuinfo alone.
 """
 
 from __future__ import annotations
@@ -212,7 +215,7 @@ static double fma256_per_second(long m) {
 int main(int argc, char **argv) {
   /* argv[1]: "512" or "256"; argv[2]: repeats. Prints the best of the repeats (other jobs only ever slow it). */
   int wide = argc > 1 && strcmp(argv[1], "512") == 0;
-  int repeats = argc > 2 ? atoi(argv[2]) : 5;
+  int repeats = argc > 2 ? atoi(argv[2]) : 20;
   double clock = 0, fma = 0;
   for (int i = 0; i < repeats; i++) {
     double c = adds_per_second(100000000L);
@@ -299,7 +302,7 @@ class Peak:
     clock_from: str
     cpuinfo_mhz: float | None
     lscpu_max_mhz: float | None
-    measured_clock_ghz: float | None  # all cores busy
+    measured_clock_ghz: float | None  # scalar clock (dependent additions), all cores busy
     measured_fma_gflops: float | None  # all cores, float32, from the FMA micro-benchmark
     notes: list[str] = field(default_factory=list)
 
@@ -308,8 +311,13 @@ class Peak:
         """cores x FMA units x lanes x 2 FLOP x clock."""
         return self.cores * self.fma_units * self.lanes * 2 * self.clock_ghz * 1e9
 
+    @property
+    def nominal_flops(self) -> float:
+        """The same product at /proc/cpuinfo's clock (0 when it gives none)."""
+        return self.cores * self.fma_units * self.lanes * 2 * (self.cpuinfo_mhz or 0.0) * 1e6
 
-def _run_on_all_cores(binary: Path, width: str, n: int, repeats: int = 5) -> list[dict[str, float]]:
+
+def _run_on_all_cores(binary: Path, width: str, n: int, repeats: int = 20) -> list[dict[str, float]]:
     """The micro-benchmark on `n` CPUs at once, one process pinned to each."""
     procs = [subprocess.Popen([str(binary), width, str(repeats)], stdout=subprocess.PIPE, text=True,
                               preexec_fn=_pinned_to(cpu)) for cpu in sorted(os.sched_getaffinity(0))[:n]]
@@ -332,16 +340,19 @@ def fp32_peak(fma_units: int | None = None) -> Peak:
     mhz, max_mhz = cpuinfo_mhz(), lscpu_max_mhz()
     measured_clock = measured_fma = None
     units_measured = None
+    fma_rate = 0.0  # FMAs per second of the best core
     binary = _micro_binary()
     if binary is not None and lanes >= 8:
         width = "512" if lanes == 16 else "256"
         per_core = _run_on_all_cores(binary, width, n)
-        measured_clock = min(r["clock_hz"] for r in per_core) / 1e9
+        # Each figure is the best of its repeats, and the best core's: other jobs only ever slow them down.
+        measured_clock = max(r["clock_hz"] for r in per_core) / 1e9
         measured_fma = sum(r["fma_per_second"] for r in per_core) * lanes * 2 / 1e9
-        per_cycle = min(r["fma_per_second"] / r["clock_hz"] for r in per_core)
+        fma_rate = max(r["fma_per_second"] for r in per_core)
+        per_cycle = max(r["fma_per_second"] / r["clock_hz"] for r in per_core)
         units_measured = max(1, round(per_cycle))
         notes.append(f"micro-benchmark on {n} cores at once: {per_cycle:.2f} {width}-bit FMAs per cycle per core "
-                     f"(the least of the cores)")
+                     f"(the best core)")
     else:
         notes.append("no C compiler (or not x86-64): FMA units not measured")
     if fma_units is not None:
@@ -351,7 +362,7 @@ def fp32_peak(fma_units: int | None = None) -> Peak:
     else:
         units, units_from = 2, "assumed (no measurement possible)"
     clocks = {"/proc/cpuinfo cpu MHz": (mhz or 0) / 1e3, "lscpu CPU max MHz": (max_mhz or 0) / 1e3,
-              "measured (dependent additions, all cores busy)": measured_clock or 0.0}
+              "measured (FMA rate / FMA units, all cores busy)": fma_rate / units / 1e9}
     clock_from, clock = max(clocks.items(), key=lambda kv: kv[1])
     return Peak(cpu_model(), n, lanes, units, units_from, clock, clock_from, mhz, max_mhz, measured_clock,
                 measured_fma, notes)

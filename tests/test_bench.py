@@ -277,6 +277,7 @@ def test_peak_is_the_product_of_its_factors() -> None:
     assert given.lanes in (4, 8, 16) and given.cores >= 1 and given.clock_ghz > 0
     # The peak bounds every clock it was told about from above.
     assert given.clock_ghz * 1e3 >= (given.cpuinfo_mhz or 0.0)
+    assert given.flops >= given.nominal_flops
 
 
 def test_markdown_reports_the_peak_ratio() -> None:
