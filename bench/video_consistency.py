@@ -41,8 +41,9 @@ def main() -> None:
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--frames", type=int, default=10)
     p.add_argument("--length", type=int, default=128)
-    p.add_argument("--iters", type=int, default=40)
-    p.add_argument("--temporal-weight", default="1")
+    p.add_argument("--iters", type=int, default=60, help="iterations of every frame, the first included")
+    p.add_argument("--temporal-weight", help="default: the tool's own")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--out", default="bench/results/video")
     a = p.parse_args()
     out = Path(a.out)
@@ -51,15 +52,20 @@ def main() -> None:
     h, w = working_size(info.height, info.width, a.length)
     inputs = [np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.LANCZOS))
               for f in io.read_frames(a.video, a.start, a.frames)]
-    results: dict[str, dict[str, float]] = {"input": {"warping_error": clip_error(inputs, inputs)}}
+    results: dict[str, dict[str, float | str]] = {"input": {"warping_error": clip_error(inputs, inputs)}}
+    results["settings"] = {"video": Path(a.video).name, "style": Path(a.style).name, "start": a.start,
+                           "frames": a.frames, "length": a.length, "iters": a.iters,
+                           "temporal_weight": a.temporal_weight or "default"}
     strips = [np.concatenate(inputs[:5], axis=1)]
-    for mode, extra in MODES.items():
+    for mode in a.modes:
+        extra = MODES[mode]
         target = out / f"{mode}.mp4"
         report = out / f"{mode}.json"
         argv = ["video", a.video, "-s", a.style, "-o", str(target), "--weights", a.weights, "-g", "-1",
                 "-l", str(a.length), "-n", str(a.iters), "--iters", str(a.iters), "--start", str(a.start),
-                "--frames", str(a.frames), "--seed", "0", "--report", str(report),
-                "--temporal-weight", a.temporal_weight, *extra]
+                "--frames", str(a.frames), "--seed", "0", "--report", str(report), *extra]
+        if a.temporal_weight is not None and mode != "frame-by-frame":
+            argv += ["--temporal-weight", a.temporal_weight]
         if style_main(argv) != 0:
             raise SystemExit(f"{mode} failed")
         work = out / f"{mode}.mp4.work"
