@@ -434,17 +434,17 @@ class _ResumingDownloader:
         if offset:
             headers["Range"] = f"bytes={offset}-"
         with requests.get(url, headers=headers, stream=True, timeout=(_CONNECT_TIMEOUT, _READ_TIMEOUT)) as resp:
-            if offset and (resp.status_code == 416 or (resp.status_code == 206 and _range_start(resp) != offset)):
+            first, size = _content_range(resp)
+            if offset and (resp.status_code == 416 or (resp.status_code == 206 and first != offset)):
                 self.say("the partial download does not fit the file on the server; starting over")
                 _truncate(fh)
                 resp.close()
                 self._stream(url, fh)
                 return
             resp.raise_for_status()
-            total: int | None
             if offset and resp.status_code == 206:
                 self.resumed = True
-                total = _range_total(resp)
+                total = size
                 self.say(f"resuming after {_size_text(offset)}")
             else:
                 if offset:
@@ -489,14 +489,10 @@ def _truncate(fh: IO[bytes]) -> None:
     fh.truncate()
 
 
-def _range_start(resp: Any) -> int | None:
-    match = re.match(r"bytes\s+(\d+)-\d+/", resp.headers.get("Content-Range", ""))
-    return int(match.group(1)) if match else None
-
-
-def _range_total(resp: Any) -> int | None:
-    match = re.match(r"bytes\s+\d+-\d+/(\d+)", resp.headers.get("Content-Range", ""))
-    return int(match.group(1)) if match else None
+def _content_range(resp: Any) -> tuple[int | None, int | None]:
+    """The first byte and the file's size that a 206 answer's Content-Range gives (None: not given)."""
+    match = re.match(r"bytes\s+(\d+)-\d+/(\d+)?", resp.headers.get("Content-Range", ""))
+    return (int(match.group(1)), int(match.group(2)) if match.group(2) else None) if match else (None, None)
 
 
 def _content_length(resp: Any) -> int | None:
