@@ -33,21 +33,6 @@ try:
 except ImportError:
     ImageCms = None  # type: ignore[assignment]
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "MEAN_BGR",
-    "MIN_SIDE",
-    "check_output_path",
-    "deprocess",
-    "load_image",
-    "long_side_size",
-    "pixel_bounds",
-    "preprocess",
-    "resize_long_side",
-    "resize_to",
-    "save_image",
-]
-
 FloatArray = npt.NDArray[np.float32]
 
 # Per-channel mean of the ImageNet training set, which the Caffe VGG/GoogLeNet weights
