@@ -90,20 +90,14 @@ def deprocess(x: npt.NDArray[Any]) -> FloatArray:
     """Inverse of :func:`preprocess`, clipped to [0, 1]: the optimiser overshoots."""
     if x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(f"deprocess expects a 3xHxW array, got shape {x.shape}")
-    shifted = np.asarray(x, dtype=np.float32) + MEAN_BGR[:, None, None]
-    bgr = shifted / np.float32(255.0)
-    rgb = np.clip(bgr[::-1].transpose(1, 2, 0), 0.0, 1.0)
-    return np.ascontiguousarray(rgb, dtype=np.float32)
+    bgr = (np.asarray(x, dtype=np.float32) + MEAN_BGR[:, None, None]) / np.float32(255.0)
+    return np.ascontiguousarray(np.clip(bgr[::-1].transpose(1, 2, 0), 0.0, 1.0), dtype=np.float32)
 
 
 def pixel_bounds(height: int, width: int) -> tuple[FloatArray, FloatArray]:
     """Box constraints for the optimiser: where 0-255 pixels land after preprocess."""
-    shape = (3, height, width)
-    lower = np.empty(shape, dtype=np.float32)
-    upper = np.empty(shape, dtype=np.float32)
-    lower[...] = -MEAN_BGR[:, None, None]
-    upper[...] = np.float32(255.0) - MEAN_BGR[:, None, None]
-    return lower, upper
+    mean = np.broadcast_to(MEAN_BGR[:, None, None], (3, height, width))
+    return -mean, np.float32(255.0) - mean
 
 
 # -------------------------------------------------------------------------- resizing
