@@ -457,12 +457,10 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         raise ImageError(f"cannot create the folder {folder} for {target}: {reason(exc)}") from None
     try:
-        handle, scratch = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=folder)
+        with tempfile.NamedTemporaryFile(prefix=f".{target.name}.tmp-", dir=folder):
+            pass
     except OSError as exc:
         raise ImageError(f"cannot write to the folder {folder}: {reason(exc)}") from None
-    os.close(handle)
-    with contextlib.suppress(OSError):
-        os.unlink(scratch)
     return target
 
 
