@@ -276,7 +276,7 @@ def _readable_formats() -> list[str]:
 def _pillow_guard(label: str, notes: list[str]) -> Iterator[None]:
     """Own Pillow's pixel-limit global while decoding, and collect Pillow's warnings."""
     saved = Image.MAX_IMAGE_PIXELS
-    with _PILLOW_GLOBALS_LOCK, warnings.catch_warnings(record=True) as caught:
+    with _PILLOW_GLOBALS_LOCK, warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
         # Pillow only warns between 1x and 2x its limit; a limit should be a limit.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -285,18 +285,13 @@ def _pillow_guard(label: str, notes: list[str]) -> Iterator[None]:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS = saved
-    for caught_warning in caught:
-        if issubclass(caught_warning.category, UserWarning):
+    for caught in recorded:
+        if issubclass(caught.category, UserWarning):
             # Printed as warnings, Pillow's remarks on corrupt EXIF and the like come
             # with a source line and read like a crash; as notices they read as advice.
-            notes.append(f"{label}: {one_line(str(caught_warning.message))}")
+            notes.append(f"{label}: {one_line(str(caught.message))}")
         else:
-            warnings.warn_explicit(
-                caught_warning.message,
-                caught_warning.category,
-                caught_warning.filename,
-                caught_warning.lineno,
-            )
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
 
 
 def _to_unit_rgb(image: Image.Image, background: tuple[int, int, int], label: str, notes: list[str]) -> FloatArray:
