@@ -33,11 +33,24 @@ class Backend(Protocol):
 
     def wait(self, futures: list[Any], timeout: float) -> list[Any]: ...
 
-    def outcome(self, future: Any) -> Outcome | Died: ...
+    def outcome(self, future: Any) -> Outcome | Died:
+        """A finished job's outcome. Only a local pool dies with its worker: Dask retries a task whose worker died,
+        and gives up with KilledWorker, reported as a failure, after a few such deaths."""
+        try:
+            result: Outcome = future.result()
+        except BrokenProcessPool:
+            return Died()
+        except Exception as exc:
+            return Outcome("failed", one_line(f"{type(exc).__name__}: {exc}"))
+        return result
 
-    def settle(self, futures: list[Any]) -> list[Any]: ...
+    def settle(self, futures: list[Any]) -> list[Any]:
+        """After a death: those of the other running `futures` that it ended too (a local pool ends them all)."""
+        return []
 
-    def recover(self) -> None: ...
+    def recover(self) -> None:
+        """After a death: be ready for new jobs (a local pool is replaced)."""
+        return None
 
     def abandon(self, futures: list[Any]) -> None: ...
 
@@ -69,7 +82,7 @@ def child_thread_limits(threads: int) -> Iterator[None]:
                 os.environ[name] = value
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """Worker processes on this machine. Spawned, not forked: torch's threads do not survive a fork."""
 
     def __init__(self, workers: int, threads: int, function: TaskFunction) -> None:
@@ -107,15 +120,6 @@ class LocalBackend:
         done, _ = wait(futures, timeout=30)
         return list(done)
 
-    def outcome(self, future: Any) -> Outcome | Died:
-        try:
-            result: Outcome = future.result()
-        except BrokenProcessPool:
-            return Died()
-        except Exception as exc:
-            return Outcome("failed", one_line(f"{type(exc).__name__}: {exc}"))
-        return result
-
     def recover(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = self._new_pool()
@@ -135,7 +139,7 @@ class LocalBackend:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class DaskBackend:
+class DaskBackend(Backend):
     """A Dask distributed cluster, reached through its scheduler."""
 
     def __init__(self, address: str, threads: int | None, function: TaskFunction) -> None:
@@ -183,20 +187,6 @@ class DaskBackend:
             if done or time.monotonic() >= deadline:
                 return done
             time.sleep(0.05)
-
-    def outcome(self, future: Any) -> Outcome | Died:
-        try:
-            result: Outcome = future.result()
-        except Exception as exc:
-            # Dask retries a task whose worker died, and gives up with KilledWorker after a few such deaths.
-            return Outcome("failed", one_line(f"{type(exc).__name__}: {exc}"))
-        return result
-
-    def settle(self, futures: list[Any]) -> list[Any]:
-        return []
-
-    def recover(self) -> None:
-        pass
 
     def abandon(self, futures: list[Any]) -> None:
         self.client.cancel(futures)
