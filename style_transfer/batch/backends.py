@@ -10,6 +10,7 @@ import os
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -161,9 +162,7 @@ class DaskBackend(Backend):
 
     def _refresh(self) -> None:
         workers = self.client.scheduler_info().get("workers", {})
-        per_host: dict[str, int] = {}
-        for info in workers.values():
-            per_host[info.get("host", "")] = per_host.get(info.get("host", ""), 0) + 1
+        per_host = Counter(info.get("host", "") for info in workers.values())
         self.host_workers = {addr: per_host[info.get("host", "")] for addr, info in workers.items()}
         # Two tasks per worker thread keep the workers busy while results travel back.
         self._capacity = max(1, 2 * sum(int(info.get("nthreads", 1)) for info in workers.values()))
