@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +67,10 @@ def _read_bytes(path: str | os.PathLike[str], what: str) -> bytes:
     return data
 
 
-def _in_test_phase(rules_include: Iterable[Any], rules_exclude: Iterable[Any]) -> bool:
-    include = list(rules_include)
-    exclude = list(rules_exclude)
-    if include:
-        return any(not r.HasField("phase") or r.phase == pb.TEST for r in include)
-    return not any(r.HasField("phase") and r.phase == pb.TEST for r in exclude)
+def _in_test_phase(raw: Any) -> bool:
+    if raw.include:
+        return any(not r.HasField("phase") or r.phase == pb.TEST for r in raw.include)
+    return not any(r.HasField("phase") and r.phase == pb.TEST for r in raw.exclude)
 
 
 def _layer_type(raw: Any, v1: bool) -> str:
@@ -108,7 +105,7 @@ def net_from_message(param: pb.NetParameter, source: str = "prototxt") -> Net:
     layers: list[Layer] = []
     seen: set[str] = set()
     for raw, v1 in _layers(param):
-        if not _in_test_phase(raw.include, raw.exclude):
+        if not _in_test_phase(raw):
             continue
         kind = _layer_type(raw, v1)
         name = str(raw.name) or f"{kind.lower()}{len(layers)}"
