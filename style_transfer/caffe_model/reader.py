@@ -132,12 +132,15 @@ def net_from_message(param: pb.NetParameter, source: str = "prototxt") -> Net:
     return Net(name=str(param.name), input_name=input_name, input_shape=input_shape, layers=layers)
 
 
+def _blob_shape(blob: pb.BlobProto) -> tuple[int, ...]:
+    """`shape` in the current layout, num/channels/height/width in V1."""
+    dims = blob.shape.dim if blob.HasField("shape") else (blob.num, blob.channels, blob.height, blob.width)
+    return tuple(int(d) for d in dims)
+
+
 def blob_array(blob: pb.BlobProto, where: str = "") -> np.ndarray:
-    """A learned blob as float32, shaped by `shape` (current layout) or num/channels/height/width (V1)."""
-    if blob.HasField("shape"):
-        shape = tuple(int(d) for d in blob.shape.dim)
-    else:
-        shape = (int(blob.num), int(blob.channels), int(blob.height), int(blob.width))
+    """A learned blob as float32, in its shape."""
+    shape = _blob_shape(blob)
     values = blob.data if len(blob.data) else blob.double_data
     count = int(np.prod(shape)) if shape else 1
     if len(values) != count:
@@ -166,11 +169,7 @@ class CaffeModelWeights:
         return list(self._raw)
 
     def shapes(self, name: str) -> list[tuple[int, ...]]:
-        out = []
-        for b in self._raw[name]:
-            dims = b.shape.dim if b.HasField("shape") else (b.num, b.channels, b.height, b.width)
-            out.append(tuple(int(d) for d in dims))
-        return out
+        return [_blob_shape(b) for b in self._raw[name]]
 
 
 def read_prototxt(path: str | os.PathLike[str]) -> Net:
