@@ -163,10 +163,8 @@ def attach_weights(net: Net, weights: WeightSource, input_shape: tuple[int, int,
         if len(blobs) < len(expected):
             raise ModelError(f"layer {layer.name!r}: the caffemodel has {len(blobs)} blob(s), the prototxt needs "
                              f"{len(expected)} ({' and '.join(fmt_shape(s) for s in expected)})")
-        fitted = []
-        for kind, blob, shape in zip(("weights", "bias"), blobs, expected, strict=False):
-            fitted.append(_fit_shape(layer.name, kind, blob, shape))
-        attached[layer.name] = fitted
+        attached[layer.name] = [_fit_shape(layer.name, kind, blob, shape)
+                                for kind, blob, shape in zip(("weights", "bias"), blobs, expected, strict=False)]
     return replace(net, weights=attached)
 
 
