@@ -10,7 +10,7 @@ import numpy as np
 from google.protobuf import message, text_format
 
 from style_transfer.caffe_model import caffe_schema_pb2 as pb
-from style_transfer.caffe_model.layers import LAYER_TYPES, V1_TYPES, Layer
+from style_transfer.caffe_model.layers import LAYER_TYPES, V1_TYPES, Layer, fmt_shape
 from style_transfer.caffe_model.net import Net
 from style_transfer.errors import ModelError
 from style_transfer.util import reason
@@ -144,7 +144,7 @@ def blob_array(blob: pb.BlobProto, where: str = "") -> np.ndarray:
     values = blob.data if len(blob.data) else blob.double_data
     count = int(np.prod(shape)) if shape else 1
     if len(values) != count:
-        raise ModelError(f"{where}: blob of shape {'x'.join(map(str, shape))} holds {len(values)} values, "
+        raise ModelError(f"{where}: blob of shape {fmt_shape(shape)} holds {len(values)} values, "
                          f"expected {count} (truncated or corrupt caffemodel)")
     return np.fromiter(values, dtype=np.float32, count=count).reshape(shape)
 
