@@ -29,11 +29,6 @@ def pink_noise(height: int, width: int, exponent: float, rng: np.random.Generato
     return np.ascontiguousarray(noise, dtype=np.float32)
 
 
-def mixed(content: np.ndarray, style_resized: np.ndarray, style_share: float = 0.05) -> np.ndarray:
-    """The original's "mixed" init: 95% content, 5% style (resized to the content's size)."""
-    return ((1.0 - style_share) * content + style_share * style_resized).astype(np.float32)
-
-
 def initial_image(init: str | float | np.ndarray, content: np.ndarray, styles: Sequence[np.ndarray],
                   blend: np.ndarray, seed: int | None) -> np.ndarray:
     """The starting image at the content's size: the content, the mix, 1/f^N noise, or a given image resized."""
@@ -44,7 +39,7 @@ def initial_image(init: str | float | np.ndarray, content: np.ndarray, styles: S
         return images.resize_to(init, h, w)
     if init == "content":
         return content
-    if init == "mixed":
-        main_style = styles[int(np.argmax(blend))]
-        return mixed(content, images.resize_to(main_style, h, w))
+    if init == "mixed":  # the original's: 95% content, 5% of the main style resized to the content's size
+        style = images.resize_to(styles[int(np.argmax(blend))], h, w)
+        return (0.95 * content + 0.05 * style).astype(np.float32)
     return pink_noise(h, w, float(init), np.random.default_rng(seed))
