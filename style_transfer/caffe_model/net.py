@@ -114,10 +114,7 @@ def truncate(net: Net, blobs: Iterable[str]) -> Net:
     if missing:
         raise ModelError(f"the net has no blob {', '.join(repr(b) for b in missing)}; available: "
                          f"{', '.join(net.blob_names()[1:])}")
-    last_write: dict[str, int] = {}
-    for i, layer in enumerate(net.layers):
-        for top in layer.tops:
-            last_write[top] = i
+    last_write = {top: i for i, layer in enumerate(net.layers) for top in layer.tops}
     end = max((last_write.get(b, -1) for b in wanted), default=-1)
     needed = set(wanted)
     kept: list[Layer] = []

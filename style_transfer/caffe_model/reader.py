@@ -154,10 +154,7 @@ class CaffeModelWeights:
 
     def __init__(self, param: pb.NetParameter, source: str) -> None:
         self._source = source
-        self._raw: dict[str, list[pb.BlobProto]] = {}
-        for raw, _v1 in _layers(param):
-            if raw.blobs:
-                self._raw[str(raw.name)] = list(raw.blobs)
+        self._raw = {str(raw.name): list(raw.blobs) for raw, _v1 in _layers(param) if raw.blobs}
 
     def __contains__(self, name: object) -> bool:
         return name in self._raw

@@ -149,10 +149,7 @@ def deploy_prototxt(net: Net, height: int, width: int, pooling: str | None) -> s
 
 def _unread_tops(net: Net) -> dict[int, set[str]]:
     """Layer index (-1 for the input) -> its tops that no later layer reads after this layer last wrote them."""
-    last_writer = {net.input_name: -1}
-    for index, layer in enumerate(net.layers):
-        for top in layer.tops:
-            last_writer[top] = index
+    last_writer = {net.input_name: -1, **{top: i for i, layer in enumerate(net.layers) for top in layer.tops}}
     read_after: set[str] = set()
     for index, layer in enumerate(net.layers):
         read_after.update(b for b in layer.bottoms if last_writer.get(b, index) < index)
