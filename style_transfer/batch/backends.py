@@ -10,6 +10,7 @@ import os
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -33,11 +34,24 @@ class Backend(Protocol):
 
     def wait(self, futures: list[Any], timeout: float) -> list[Any]: ...
 
-    def outcome(self, future: Any) -> Outcome | Died: ...
+    def outcome(self, future: Any) -> Outcome | Died:
+        """A finished job's outcome. Only a local pool dies with its worker: Dask retries a task whose worker died,
+        and gives up with KilledWorker, reported as a failure, after a few such deaths."""
+        try:
+            result: Outcome = future.result()
+        except BrokenProcessPool:
+            return Died()
+        except Exception as exc:
+            return Outcome("failed", one_line(f"{type(exc).__name__}: {exc}"))
+        return result
 
-    def settle(self, futures: list[Any]) -> list[Any]: ...
+    def settle(self, futures: list[Any]) -> list[Any]:
+        """After a death: those of the other running `futures` that it ended too (a local pool ends them all)."""
+        return []
 
-    def recover(self) -> None: ...
+    def recover(self) -> None:
+        """After a death: be ready for new jobs (a local pool is replaced)."""
+        return None
 
     def abandon(self, futures: list[Any]) -> None: ...
 
@@ -69,7 +83,7 @@ def child_thread_limits(threads: int) -> Iterator[None]:
                 os.environ[name] = value
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """Worker processes on this machine. Spawned, not forked: torch's threads do not survive a fork."""
 
     def __init__(self, workers: int, threads: int, function: TaskFunction) -> None:
@@ -107,15 +121,6 @@ class LocalBackend:
         done, _ = wait(futures, timeout=30)
         return list(done)
 
-    def outcome(self, future: Any) -> Outcome | Died:
-        try:
-            result: Outcome = future.result()
-        except BrokenProcessPool:
-            return Died()
-        except Exception as exc:
-            return Outcome("failed", one_line(f"{type(exc).__name__}: {exc}"))
-        return result
-
     def recover(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = self._new_pool()
@@ -135,7 +140,7 @@ class LocalBackend:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class DaskBackend:
+class DaskBackend(Backend):
     """A Dask distributed cluster, reached through its scheduler."""
 
     def __init__(self, address: str, threads: int | None, function: TaskFunction) -> None:
@@ -157,9 +162,7 @@ class DaskBackend:
 
     def _refresh(self) -> None:
         workers = self.client.scheduler_info().get("workers", {})
-        per_host: dict[str, int] = {}
-        for info in workers.values():
-            per_host[info.get("host", "")] = per_host.get(info.get("host", ""), 0) + 1
+        per_host = Counter(info.get("host", "") for info in workers.values())
         self.host_workers = {addr: per_host[info.get("host", "")] for addr, info in workers.items()}
         # Two tasks per worker thread keep the workers busy while results travel back.
         self._capacity = max(1, 2 * sum(int(info.get("nthreads", 1)) for info in workers.values()))
@@ -183,20 +186,6 @@ class DaskBackend:
             if done or time.monotonic() >= deadline:
                 return done
             time.sleep(0.05)
-
-    def outcome(self, future: Any) -> Outcome | Died:
-        try:
-            result: Outcome = future.result()
-        except Exception as exc:
-            # Dask retries a task whose worker died, and gives up with KilledWorker after a few such deaths.
-            return Outcome("failed", one_line(f"{type(exc).__name__}: {exc}"))
-        return result
-
-    def settle(self, futures: list[Any]) -> list[Any]:
-        return []
-
-    def recover(self) -> None:
-        pass
 
     def abandon(self, futures: list[Any]) -> None:
         self.client.cancel(futures)

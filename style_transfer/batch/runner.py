@@ -21,7 +21,7 @@ from style_transfer.batch.manifest import Job
 from style_transfer.batch.worker import InputFile, Outcome, Task, cpu_count, model_key, read_input
 from style_transfer.errors import StyleTransferError
 from style_transfer.openmp import prefer_short_spin
-from style_transfer.util import one_line, reason, write_json
+from style_transfer.util import check_writable, one_line, write_json
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -267,11 +267,7 @@ def run(args: argparse.Namespace, jobs: list[Job], task_function: TaskFunction) 
     summary, code = batch.summary(started, interrupted, mode)
     print(format_table(summary))
     try:
-        try:
-            summary_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StyleTransferError(f"cannot write the summary {summary_path}: {reason(exc)}") from None
-        write_json(summary_path, summary, "the summary")
+        write_json(check_writable(summary_path, "the summary"), summary, "the summary")
         say(f"summary: {summary_path}")
     except StyleTransferError as exc:
         say(f"error: {exc}")

@@ -14,11 +14,8 @@ _CHECK_SIZE = 224
 
 
 def check_input_shape(net: Net) -> tuple[int, int, int, int]:
-    shape = net.input_shape or (1, 3, _CHECK_SIZE, _CHECK_SIZE)
-    if shape[1] != 3:
-        raise ModelError(f"the net's input {net.input_name!r} has {shape[1]} channels; style transfer needs a "
-                         "3-channel (BGR) input")
-    _n, _c, h, w = shape
+    """The input size weight shapes are checked at: the declared one, but at least the check size."""
+    _n, _c, h, w = check_input_shape_exact(net)
     return 1, 3, max(h, _CHECK_SIZE), max(w, _CHECK_SIZE)
 
 
@@ -42,6 +39,8 @@ def check_caffemodel(prototxt: str | os.PathLike[str], weights: CaffeModelWeight
 
 def check_input_shape_exact(net: Net) -> tuple[int, int, int, int]:
     """The declared input size, which fc layers need; the generic check size when the prototxt declares none."""
-    shape = net.input_shape or (1, 3, _CHECK_SIZE, _CHECK_SIZE)
-    check_input_shape(net)
-    return 1, 3, shape[2], shape[3]
+    _n, channels, h, w = net.input_shape or (1, 3, _CHECK_SIZE, _CHECK_SIZE)
+    if channels != 3:
+        raise ModelError(f"the net's input {net.input_name!r} has {channels} channels; style transfer needs a "
+                         "3-channel (BGR) input")
+    return 1, 3, h, w

@@ -114,10 +114,7 @@ def truncate(net: Net, blobs: Iterable[str]) -> Net:
     if missing:
         raise ModelError(f"the net has no blob {', '.join(repr(b) for b in missing)}; available: "
                          f"{', '.join(net.blob_names()[1:])}")
-    last_write: dict[str, int] = {}
-    for i, layer in enumerate(net.layers):
-        for top in layer.tops:
-            last_write[top] = i
+    last_write = {top: i for i, layer in enumerate(net.layers) for top in layer.tops}
     end = max((last_write.get(b, -1) for b in wanted), default=-1)
     needed = set(wanted)
     kept: list[Layer] = []
@@ -163,10 +160,8 @@ def attach_weights(net: Net, weights: WeightSource, input_shape: tuple[int, int,
         if len(blobs) < len(expected):
             raise ModelError(f"layer {layer.name!r}: the caffemodel has {len(blobs)} blob(s), the prototxt needs "
                              f"{len(expected)} ({' and '.join(fmt_shape(s) for s in expected)})")
-        fitted = []
-        for kind, blob, shape in zip(("weights", "bias"), blobs, expected, strict=False):
-            fitted.append(_fit_shape(layer.name, kind, blob, shape))
-        attached[layer.name] = fitted
+        attached[layer.name] = [_fit_shape(layer.name, kind, blob, shape)
+                                for kind, blob, shape in zip(("weights", "bias"), blobs, expected, strict=False)]
     return replace(net, weights=attached)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 from google.protobuf import message, text_format
 
 from style_transfer.caffe_model import caffe_schema_pb2 as pb
-from style_transfer.caffe_model.layers import LAYER_TYPES, V1_TYPES, Layer
+from style_transfer.caffe_model.layers import LAYER_TYPES, V1_TYPES, Layer, fmt_shape
 from style_transfer.caffe_model.net import Net
 from style_transfer.errors import ModelError
 from style_transfer.util import reason
@@ -68,12 +67,10 @@ def _read_bytes(path: str | os.PathLike[str], what: str) -> bytes:
     return data
 
 
-def _in_test_phase(rules_include: Iterable[Any], rules_exclude: Iterable[Any]) -> bool:
-    include = list(rules_include)
-    exclude = list(rules_exclude)
-    if include:
-        return any(not r.HasField("phase") or r.phase == pb.TEST for r in include)
-    return not any(r.HasField("phase") and r.phase == pb.TEST for r in exclude)
+def _in_test_phase(raw: Any) -> bool:
+    if raw.include:
+        return any(not r.HasField("phase") or r.phase == pb.TEST for r in raw.include)
+    return not any(r.HasField("phase") and r.phase == pb.TEST for r in raw.exclude)
 
 
 def _layer_type(raw: Any, v1: bool) -> str:
@@ -108,7 +105,7 @@ def net_from_message(param: pb.NetParameter, source: str = "prototxt") -> Net:
     layers: list[Layer] = []
     seen: set[str] = set()
     for raw, v1 in _layers(param):
-        if not _in_test_phase(raw.include, raw.exclude):
+        if not _in_test_phase(raw):
             continue
         kind = _layer_type(raw, v1)
         name = str(raw.name) or f"{kind.lower()}{len(layers)}"
@@ -135,16 +132,19 @@ def net_from_message(param: pb.NetParameter, source: str = "prototxt") -> Net:
     return Net(name=str(param.name), input_name=input_name, input_shape=input_shape, layers=layers)
 
 
+def _blob_shape(blob: pb.BlobProto) -> tuple[int, ...]:
+    """`shape` in the current layout, num/channels/height/width in V1."""
+    dims = blob.shape.dim if blob.HasField("shape") else (blob.num, blob.channels, blob.height, blob.width)
+    return tuple(int(d) for d in dims)
+
+
 def blob_array(blob: pb.BlobProto, where: str = "") -> np.ndarray:
-    """A learned blob as float32, shaped by `shape` (current layout) or num/channels/height/width (V1)."""
-    if blob.HasField("shape"):
-        shape = tuple(int(d) for d in blob.shape.dim)
-    else:
-        shape = (int(blob.num), int(blob.channels), int(blob.height), int(blob.width))
+    """A learned blob as float32, in its shape."""
+    shape = _blob_shape(blob)
     values = blob.data if len(blob.data) else blob.double_data
     count = int(np.prod(shape)) if shape else 1
     if len(values) != count:
-        raise ModelError(f"{where}: blob of shape {'x'.join(map(str, shape))} holds {len(values)} values, "
+        raise ModelError(f"{where}: blob of shape {fmt_shape(shape)} holds {len(values)} values, "
                          f"expected {count} (truncated or corrupt caffemodel)")
     return np.fromiter(values, dtype=np.float32, count=count).reshape(shape)
 
@@ -154,10 +154,7 @@ class CaffeModelWeights:
 
     def __init__(self, param: pb.NetParameter, source: str) -> None:
         self._source = source
-        self._raw: dict[str, list[pb.BlobProto]] = {}
-        for raw, _v1 in _layers(param):
-            if raw.blobs:
-                self._raw[str(raw.name)] = list(raw.blobs)
+        self._raw = {str(raw.name): list(raw.blobs) for raw, _v1 in _layers(param) if raw.blobs}
 
     def __contains__(self, name: object) -> bool:
         return name in self._raw
@@ -169,11 +166,7 @@ class CaffeModelWeights:
         return list(self._raw)
 
     def shapes(self, name: str) -> list[tuple[int, ...]]:
-        out = []
-        for b in self._raw[name]:
-            dims = b.shape.dim if b.HasField("shape") else (b.num, b.channels, b.height, b.width)
-            out.append(tuple(int(d) for d in dims))
-        return out
+        return [_blob_shape(b) for b in self._raw[name]]
 
 
 def read_prototxt(path: str | os.PathLike[str]) -> Net:

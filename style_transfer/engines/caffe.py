@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from style_transfer.caffe_model.layers import fmt_shape
 from style_transfer.caffe_model.net import Net
 from style_transfer.engines.base import Engine, Evaluation, Evaluator, FeatureGrads, InputTerm
 from style_transfer.engines.caffe_deploy import check_net, check_size, deploy_prototxt, input_layer_name
@@ -257,8 +258,8 @@ class CaffeEngine(Engine):
         for name, shape in shapes.items():
             got = tuple(blobs[name].data.shape)
             if got != tuple(shape):
-                raise EngineError(f"Caffe gives blob {name!r} the shape {'x'.join(map(str, got))}, this tool "
-                                  f"expects {'x'.join(map(str, shape))}")
+                raise EngineError(f"Caffe gives blob {name!r} the shape {fmt_shape(got)}, this tool expects "
+                                  f"{fmt_shape(shape)}")
 
     def _last_writer(self, blob: str) -> int:
         assert self._topology is not None
@@ -304,7 +305,6 @@ class CaffeEngine(Engine):
                      accumulate={b: read_later(b, w) for b, w in writers.items()}, dangling=dangling)
         self._plans[layers] = plan
         return plan
-
 
     def vjp(self, image: np.ndarray, blobs: Sequence[str], fn: FeatureGrads,
             input_term: InputTerm | None = None) -> tuple[dict[str, float], float, np.ndarray]:

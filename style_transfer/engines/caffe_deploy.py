@@ -21,6 +21,7 @@ from style_transfer.caffe_model.layers import (
     Layer,
     concat_axis,
     conv_geometry,
+    fmt_shape,
     lrn_size,
     pool_geometry,
 )
@@ -71,7 +72,7 @@ def check_size(net: Net, height: int, width: int, pooling: str | None) -> dict[s
     for name, shape in shapes.items():
         if int(np.prod(shape, dtype=np.int64)) > _INT_MAX:
             raise EngineError(f"the image ({width}x{height}) is too large for Caffe: blob {name!r} would have "
-                              f"{'x'.join(map(str, shape))} elements, more than 2^31-1")
+                              f"{fmt_shape(shape)} elements, more than 2^31-1")
     for layer in net.layers:
         if layer.type == "Convolution":
             g = conv_geometry(layer)
@@ -148,10 +149,7 @@ def deploy_prototxt(net: Net, height: int, width: int, pooling: str | None) -> s
 
 def _unread_tops(net: Net) -> dict[int, set[str]]:
     """Layer index (-1 for the input) -> its tops that no later layer reads after this layer last wrote them."""
-    last_writer = {net.input_name: -1}
-    for index, layer in enumerate(net.layers):
-        for top in layer.tops:
-            last_writer[top] = index
+    last_writer = {net.input_name: -1, **{top: i for i, layer in enumerate(net.layers) for top in layer.tops}}
     read_after: set[str] = set()
     for index, layer in enumerate(net.layers):
         read_after.update(b for b in layer.bottoms if last_writer.get(b, index) < index)
