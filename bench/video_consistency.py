@@ -6,12 +6,18 @@ forward-backward check trusts. The input clip's own figure is the floor.
 
     python -m bench.video_consistency VIDEO STYLE --weights W.caffemodel --frames 10 --length 128 --iters 40 \
         --out bench/results/video
+    python -m bench.video_consistency merge FOLDER... --json bench/results/video_consistency.json
+
+The modes can run as separate processes side by side (`--modes`, one each, with OMP_NUM_THREADS=1) and be merged
+afterwards; their seconds per frame then measure that setting, not the tool on two cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +39,28 @@ def clip_error(frames: list[np.ndarray], inputs: list[np.ndarray]) -> float:
     return float(np.mean(errors))
 
 
+def merge(folders: list[str], target: Path) -> None:
+    """One results file from runs of single modes made side by side (each folder's results.json); their inputs and
+    settings must agree, apart from the modes."""
+    merged: dict[str, dict[str, float | str]] = {}
+    for folder in folders:
+        results = json.loads((Path(folder) / "results.json").read_text())
+        for key in ("input", "settings", "threads"):
+            if key in merged and merged[key] != results[key]:
+                raise SystemExit(f"{folder}: its {key} differ from the others'")
+        merged.update(results)
+    target.write_text(json.dumps(merged, indent=2) + "\n")
+    print(json.dumps(merged, indent=2))
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "merge":
+        ap = argparse.ArgumentParser(prog="video_consistency merge")
+        ap.add_argument("folders", nargs="+")
+        ap.add_argument("--json", type=Path, required=True)
+        args = ap.parse_args(sys.argv[2:])
+        merge(args.folders, args.json)
+        return
     p = argparse.ArgumentParser()
     p.add_argument("video")
     p.add_argument("style")
@@ -56,6 +83,7 @@ def main() -> None:
     results["settings"] = {"video": Path(a.video).name, "style": Path(a.style).name, "start": a.start,
                            "frames": a.frames, "length": a.length, "iters": a.iters,
                            "temporal_weight": a.temporal_weight or "default"}
+    results["threads"] = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset (the tool's choice)")}
     strips = [np.concatenate(inputs[:5], axis=1)]
     for mode in a.modes:
         extra = MODES[mode]
