@@ -343,15 +343,19 @@ def _argparse_type(option: Option) -> Callable[[str], Any]:
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str], *, defaults_from: dict[str, Any]) -> None:
-    """The named options as arguments, in the table's order."""
-    wanted = set(names)
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str], *, defaults_from: dict[str, Any],
+                  helps: dict[str, str] | None = None) -> None:
+    """The named options as arguments, in the table's order; `helps` rewords an option for a command where it
+    means something narrower (e.g. -n in `style.py video`)."""
+    wanted, helps = set(names), helps or {}
     for option in OPTIONS:
         if option.name not in wanted:
             continue
         default = defaults_from.get(option.name)
         if option.flag:
-            parser.add_argument(*option.flags, dest=option.name, action="store_true", help=option.help)
+            parser.add_argument(*option.flags, dest=option.name, action="store_true",
+                                help=helps.get(option.name, option.help))
             continue
         parser.add_argument(*option.flags, dest=option.name, type=_argparse_type(option), default=default,
-                            nargs=option.nargs, choices=option.choices, metavar=option.metavar, help=option.help)
+                            nargs=option.nargs, choices=option.choices, metavar=option.metavar,
+                            help=helps.get(option.name, option.help))

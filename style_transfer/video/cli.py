@@ -30,8 +30,8 @@ VIDEO_OPTIONS = ("style", "model", "gpu", "init", "ratio", "num_iters", "length"
 # Video defaults where the still image's do not fit: smaller frames and fewer first-frame iterations, since a clip
 # multiplies every second spent per frame.
 VIDEO_DEFAULTS = {"length": 256, "num_iters": 200}
-LATER_ITERS = 60
-TEMPORAL_WEIGHT = 50.0
+LATER_ITERS = 40
+TEMPORAL_WEIGHT = 0.1
 
 
 def _checked(check: Any, label: str) -> Any:
@@ -53,15 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input video (any container FFmpeg reads)")
     p.add_argument("-o", "--output", required=True, help="output video: .mp4 (H.264, the input's sound copied), or "
                    ".gif/.webp for short clips")
-    add_arguments(p, VIDEO_OPTIONS, defaults_from={**defaults(), **VIDEO_DEFAULTS})
-    for action in p._actions:
-        if action.dest == "num_iters":
-            action.help = "L-BFGS-B iterations of the first frame"
+    add_arguments(p, VIDEO_OPTIONS, defaults_from={**defaults(), **VIDEO_DEFAULTS},
+                  helps={"num_iters": "L-BFGS-B iterations of the first frame"})
     p.add_argument("--iters", type=_checked(whole(), "--iters"), default=LATER_ITERS,
                    help="L-BFGS-B iterations of every frame after the first")
     p.add_argument("--temporal-weight", type=_checked(number(), "--temporal-weight"), default=TEMPORAL_WEIGHT,
                    help="weight of the temporal term (sum of squared differences from the warped previous frame, "
-                        "0-255 scale); 0 turns it off")
+                        "0-255 scale, beside the content term's weight 1); 0 turns it off")
     p.add_argument("--independent", action="store_true",
                    help="stylize every frame on its own, as the first (no warped start, no temporal term)")
     p.add_argument("--start", type=_checked(whole(0), "--start"), default=0, help="first frame (0-based)")
