@@ -19,7 +19,6 @@ from scipy.optimize import Bounds, OptimizeResult, minimize
 from style_transfer.engines.base import Evaluation
 from style_transfer.errors import StyleTransferError
 
-
 # scipy's setulb (scipy >= 1.15, the C translation of L-BFGS-B) as its docstring names its arguments.
 SETULB_SIGNATURE = "setulb(m,x,l,u,nbd,f,g,factr,pgtol,wa,iwa,task,lsave,isave,dsave,maxls,ln_task)"
 

@@ -173,12 +173,32 @@ def evaluation_bytes(net: Net, pooling: str | None, height: int, width: int) -> 
     return int(ACTIVATION_FACTOR * 4 * sum(math.prod(s) for s in shapes.values()))
 
 
-def run_bytes(net: Net, height: int, width: int, lbfgs_memory: int) -> int:
-    """Memory a run needs beside its evaluations: scipy's L-BFGS-B workspace, (2m + 5) n doubles plus its
-    bookkeeping, the run's own full-size arrays (iterate, gradient, bounds) and the weights."""
+# Bytes per image value (there are 3 H W) a run keeps beside setulb's work array while it evaluates: setulb's iterate
+# and the gradient handed back to it (float64 each), the bounds (two float64), their codes and setulb's integer work
+# array (four int32); optimize.LBFGSB's two recent evaluations (a float32 image and gradient each); the image being
+# evaluated and the gradient it returns (float32 each).
+RUN_BYTES_PER_VALUE = 8 + 8 + 16 + 16 + 16 + 8
+# With scipy.optimize.minimize instead (a scipy whose setulb optimize.py does not drive itself): its Python lists of
+# bounds. An estimate; BENCHMARKS.md has the measurement.
+MINIMIZE_BYTES_PER_VALUE = 240
+
+
+def run_bytes(net: Net, height: int, width: int, lbfgs_memory: int, kept: int = 0) -> int:
+    """Memory a run needs beside its evaluations: scipy's L-BFGS-B work array ((2m + 5) n doubles and its
+    bookkeeping, optimize.workspace_doubles), the run's other full-size arrays (RUN_BYTES_PER_VALUE), `kept` bytes
+    the caller holds for the whole run (the content targets) and the weights."""
+    from style_transfer import optimize
+
     n = 3 * height * width
     weights = sum(a.nbytes for arrays in net.weights.values() for a in arrays)
-    return (2 * lbfgs_memory + 5) * n * 8 + 8 * n * 8 + weights
+    per_value = RUN_BYTES_PER_VALUE + (0 if optimize.SETULB is not None else MINIMIZE_BYTES_PER_VALUE)
+    return 8 * optimize.workspace_doubles(n, lbfgs_memory) + per_value * n + kept + weights
+
+
+def blob_bytes(net: Net, pooling: str | None, height: int, width: int, blobs: Sequence[str]) -> int:
+    """Float32 bytes of these blobs for an image of this size (e.g. the content targets a run keeps)."""
+    shapes = infer_shapes(net, (1, 3, height, width), pooling)
+    return 4 * sum(math.prod(shapes[b]) for b in blobs)
 
 
 def available_bytes(device: str) -> int:

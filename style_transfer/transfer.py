@@ -170,8 +170,9 @@ class Stylization:
         return RunResult(rgb=self.to_rgb(x), x=x, evaluation=evaluation, iterations=done, stop_reason=stop_reason,
                          error=error, stopped_early=stopped_early, report=report)
 
-    def _tiles(self, height: int, width: int, blobs: list[str]) -> tiling.TilePlan | None:
-        """Tiles for an image of this size when one evaluation of it does not fit the memory budget."""
+    def _tiles(self, height: int, width: int, blobs: list[str], fixed: int) -> tiling.TilePlan | None:
+        """Tiles for an image of this size when one evaluation of it does not fit the memory budget beside `fixed`
+        bytes of other arrays."""
         from style_transfer import tiling
 
         st = self.transfer
@@ -180,11 +181,20 @@ class Stylization:
         budget = available if cap is None else min(available, int(cap * tiling.GB))
         what = f"--max-memory {cap:g}" if cap is not None and cap * tiling.GB <= available else \
             f"the memory available ({available / tiling.GB:.1f} GB)"
-        # On the CPU the optimiser's full-size arrays share the budget; on CUDA they live in host memory.
-        fixed = tiling.run_bytes(st.net, height, width, self.options["lbfgs_memory"]) \
-            if st.engine.device == "cpu" else 0
         pooling = None if st.engine.pooling == "file" else st.engine.pooling
         return tiling.choose_tiles(st.net, pooling, height, width, blobs, budget, fixed, what)
+
+    def _run_bytes(self, height: int, width: int) -> int:
+        """What the optimisation keeps beside an evaluation at this size. On the CPU the optimiser's full-size arrays
+        share the budget; on CUDA they live in host memory."""
+        from style_transfer import tiling
+
+        st = self.transfer
+        if st.engine.device != "cpu":
+            return 0
+        pooling = None if st.engine.pooling == "file" else st.engine.pooling
+        kept = tiling.blob_bytes(st.net, pooling, height, width, list(st.content_weights))
+        return tiling.run_bytes(st.net, height, width, self.options["lbfgs_memory"], kept)
 
     def _evaluator(self, content: np.ndarray, length: int) -> Callable[[np.ndarray], Evaluation]:
         from style_transfer import tiling
@@ -196,11 +206,12 @@ class Stylization:
         for style in self.styles:
             resized = images.resize_long_side(style, round(length * self.options["style_scale"]))
             matched = match_colors(resized, content, self.options["color_match"])
-            style_plan = self._tiles(matched.shape[0], matched.shape[1], style_blobs)
+            # The style targets are made between two scales' optimisations: no optimiser's arrays beside them.
+            style_plan = self._tiles(matched.shape[0], matched.shape[1], style_blobs, 0)
             grams.append(st.style_grams(matched) if style_plan is None else st.style_grams(matched, style_plan))
         h, w = content.shape[:2]
         objective_blobs = list(dict.fromkeys([*st.style_weights, *st.content_weights]))
-        plan = self._tiles(h, w, objective_blobs)
+        plan = self._tiles(h, w, objective_blobs, self._run_bytes(h, w))
         x_content = images.preprocess(content)
         content_feats = st.engine.features(x_content, list(st.content_weights)) if plan is None else \
             tiling.tiled_features(st.engine, x_content, list(st.content_weights), plan)

@@ -233,3 +233,25 @@ def test_max_memory_too_small_for_one_tile_is_one_line_naming_the_smallest_value
     message = r"^--max-memory 1e-06 is too small .* give --max-memory \S+ or more$"
     with pytest.raises(StyleTransferError, match=message):
         st.stylize(content, [style], length=45, num_iters=1, max_memory=1e-6).run()
+
+
+def test_style_targets_are_not_charged_the_optimisers_arrays(tmp_path: Any) -> None:
+    """The style image (--style-scale times larger) is evaluated between two scales' optimisations, so its tiles
+    share the budget with its own copies only, not with an optimiser's arrays at the style image's size: a cap that
+    fits the content's run fits the style targets too (it used to fail, as if the run needed arrays that large)."""
+    from style_transfer.transfer import StyleTransfer
+    from tests.conftest import tiny_images
+
+    proto, model = tinynets.write_net(tmp_path)
+    st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
+                       gpu=-1)
+    content, style, _ = tiny_images()  # 36 x 48, resized to 34 x 45
+    blobs = ["conv1", "conv2", "conv3"]
+    kept = tiling.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
+    budget = tiling.run_bytes(st.net, 34, 45, 8, kept) + tiling.evaluation_bytes(st.net, "avg", 34, 45)
+    assert tiling.choose_tiles(st.net, "avg", 34, 45, blobs, budget, budget - tiling.evaluation_bytes(
+        st.net, "avg", 34, 45)) is None
+    assert tiling.run_bytes(st.net, 135, 135, 8) > budget  # the style image at --style-scale 3
+    result = st.stylize(content, [style], length=45, num_iters=2, style_scale=3.0,
+                        max_memory=budget / tiling.GB).run()
+    assert result.iterations == 2 and result.report["tiling"] is None
