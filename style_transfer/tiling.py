@@ -205,6 +205,15 @@ def blob_bytes(net: Net, pooling: str | None, height: int, width: int, blobs: Se
     return 4 * sum(math.prod(shapes[b]) for b in blobs)
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (the net's weights, the libraries, the run so far); 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0
+
+
 def available_bytes(device: str) -> int:
     """Memory free for a run: free device memory on CUDA, MemAvailable on the CPU."""
     if device.startswith("cuda"):

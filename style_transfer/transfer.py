@@ -117,7 +117,7 @@ class Stylization:
         for index, (length, iters) in enumerate(self.plan):
             content = images.resize_long_side(self.content, length)
             h, w = content.shape[:2]
-            evaluate = self._evaluator(content, length, index)
+            evaluate = self._evaluator(content, length)
             if x is None:
                 start = initial_image(self.options["init"], content, self.styles, self.blend, self.seed)
             else:
@@ -166,8 +166,12 @@ class Stylization:
         available = tiling.available_bytes(st.engine.device)
         cap = self.options["max_memory"]
         budget = available if cap is None else min(available, int(cap * tiling.GB))
-        what = f"--max-memory {cap:g}" if cap is not None and cap * tiling.GB <= available else \
-            f"the memory available ({available / tiling.GB:.1f} GB)"
+        if cap is not None and cap * tiling.GB <= available:
+            what = f"--max-memory {cap:g}"
+            if st.engine.device == "cpu":  # the cap is the process's: what it holds already counts
+                fixed += tiling.resident_bytes()
+        else:  # what is available is beside what the process holds already
+            what = f"the memory available ({available / tiling.GB:.1f} GB)"
         pooling = None if st.engine.pooling == "file" else st.engine.pooling
         return tiling.choose_tiles(st.net, pooling, height, width, blobs, budget, fixed, what)
 
@@ -223,13 +227,14 @@ class Stylization:
         self._clock.tile_done(tile_pass, tile, tiles)
         self._tell(tile_pass, tile, tiles)
 
-    def _evaluator(self, content: np.ndarray, length: int, index: int) -> Callable[[np.ndarray], Evaluation]:
+    def _evaluator(self, content: np.ndarray, length: int) -> Callable[[np.ndarray], Evaluation]:
         from style_transfer import tiling
         from style_transfer.losses import Objective
 
         st = self.transfer
         clock = self._clock
         assert clock is not None
+        index = [size for size, _ in self.plan].index(length)  # scale_plan never repeats a size
         sizes = self._sizes(length)
         (h, w), style_plans, plan = sizes
         clock.start_scale(index, self._cost(index, sizes))

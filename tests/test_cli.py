@@ -361,6 +361,7 @@ def test_scales_auto_and_verbose_show_the_plan_and_the_time(tmp_path: Path, pair
 
     style, content = pair
     monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)  # a budget of a few tiles' worth forces tiling
+    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)
     report = tmp_path / "r.json"
     code = main(["-s", str(style), "-c", str(content), *tiny, "-l", "64", "--min-length", "32", "-n", "12",
                  "--scales", "auto", "-v", "--max-memory", "0.0003", "-o", str(tmp_path / "o.png"),

@@ -99,6 +99,7 @@ def test_cost_model_counts_the_nets_work_and_the_tiled_passes(transfer: StyleTra
 def test_costs_say_how_each_scale_is_tiled(transfer: StyleTransfer, monkeypatch: pytest.MonkeyPatch) -> None:
     content, style, _ = tiny_images()
     monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)
+    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)
     budget = tiling.evaluation_bytes(transfer.net, "avg", 24, 24) / tiling.GB
     job = transfer.stylize(content, [style], length=45, num_iters=12, scales=AUTO, min_length=22, max_memory=budget)
     costs = job.costs()
@@ -156,6 +157,7 @@ def test_a_run_reports_tiles_evaluations_and_the_time_left(transfer: StyleTransf
     evaluation and iteration, with an estimate once some work is timed."""
     content, style, _ = tiny_images()
     monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)
+    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)
     budget = tiling.evaluation_bytes(transfer.net, "avg", 24, 24) / tiling.GB
     job = transfer.stylize(content, [style], length=45, num_iters=4, scales=AUTO, min_length=22, max_memory=budget)
     seen: list[Progress] = []

@@ -208,8 +208,10 @@ def test_a_run_with_forced_tiles_gives_the_untiled_image(tmp_path: Any, monkeypa
     options = dict(length=45, num_iters=5, init="content", seed=1)
     untiled = st.stylize(content, [style], **options).run()
     assert untiled.report["tiling"] is None
-    # The run's own arrays do not count here, so a budget of a few tiles' worth forces tiling.
+    # The run's own arrays and the process's memory do not count here, so a budget of a few tiles' worth forces
+    # tiling.
     monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)
+    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)
     budget = tiling.evaluation_bytes(st.net, "avg", 24, 24) / tiling.GB
     job = st.stylize(content, [style], max_memory=budget, **options)
     tiled = job.run()
@@ -235,7 +237,7 @@ def test_max_memory_too_small_for_one_tile_is_one_line_naming_the_smallest_value
         st.stylize(content, [style], length=45, num_iters=1, max_memory=1e-6).run()
 
 
-def test_style_targets_are_not_charged_the_optimisers_arrays(tmp_path: Any) -> None:
+def test_style_targets_are_not_charged_the_optimisers_arrays(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The style image (--style-scale times larger) is evaluated between two scales' optimisations, so its tiles
     share the budget with its own copies only, not with an optimiser's arrays at the style image's size: a cap that
     fits the content's run fits the style targets too (it used to fail, as if the run needed arrays that large)."""
@@ -246,6 +248,7 @@ def test_style_targets_are_not_charged_the_optimisers_arrays(tmp_path: Any) -> N
     st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
                        gpu=-1)
     content, style, _ = tiny_images()  # 36 x 48, resized to 34 x 45
+    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)  # the process's own memory, counted in another test
     blobs = ["conv1", "conv2", "conv3"]
     kept = tiling.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
     budget = tiling.run_bytes(st.net, 34, 45, 8, kept) + tiling.evaluation_bytes(st.net, "avg", 34, 45)
@@ -255,3 +258,26 @@ def test_style_targets_are_not_charged_the_optimisers_arrays(tmp_path: Any) -> N
     result = st.stylize(content, [style], length=45, num_iters=2, style_scale=3.0,
                         max_memory=budget / tiling.GB).run()
     assert result.iterations == 2 and result.report["tiling"] is None
+
+
+def test_a_cap_counts_what_the_process_holds_already(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-memory is the process's memory: the weights and libraries it holds already (its resident memory) share
+    the cap with the run's arrays and the evaluations, so a cap the run alone would fit can still need tiles, and
+    the smallest workable cap named in the error includes them."""
+    from style_transfer.transfer import StyleTransfer
+    from tests.conftest import tiny_images
+
+    proto, model = tinynets.write_net(tmp_path)
+    st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
+                       gpu=-1)
+    content, style, _ = tiny_images()
+    kept = tiling.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
+    need = tiling.run_bytes(st.net, 34, 45, 8, kept) + tiling.evaluation_bytes(st.net, "avg", 34, 45)
+    held = 3 * need
+    monkeypatch.setattr(tiling, "resident_bytes", lambda: held)
+    options = dict(length=45, num_iters=1, style_scale=0.5)
+    assert st.stylize(content, [style], max_memory=(held + need) / tiling.GB, **options).costs()[0].tiles == 0
+    assert st.stylize(content, [style], max_memory=(held + 0.9 * need) / tiling.GB, **options).costs()[0].tiles > 0
+    with pytest.raises(StyleTransferError, match=r"give --max-memory (\S+) or more$") as error:
+        st.stylize(content, [style], max_memory=need / tiling.GB, **options).costs()
+    assert float(str(error.value).split("--max-memory ")[-1].split()[0]) * tiling.GB > held
