@@ -281,3 +281,47 @@ def test_a_cap_counts_what_the_process_holds_already(tmp_path: Any, monkeypatch:
     with pytest.raises(StyleTransferError, match=r"give --max-memory (\S+) or more$") as error:
         st.stylize(content, [style], max_memory=need / tiling.GB, **options).costs()
     assert float(str(error.value).split("--max-memory ")[-1].split()[0]) * tiling.GB > held
+
+
+@pytest.mark.slow
+def test_real_vgg16_tiled_equals_untiled() -> None:
+    """The real VGG16 weights with the preset layers (conv1_1 ... conv5_1, conv4_2), Tübingen in the style of
+    Starry Night at a size where both fit and that is no multiple of the stride, tiles forced small: loss within
+    1e-5, gradient within 1e-4 (relative), the style Gram and content targets too."""
+    from style_transfer.caffe_model.loader import load_net
+    from tests.conftest import require_shared
+
+    weights = require_shared("models", "vgg16_hed.caffemodel")
+    content_rgb = images.load_image(require_shared("images", "content", "tubingen.jpg"))
+    style_rgb = images.load_image(require_shared("images", "style", "starry_night.jpg"))
+    info = MODELS["vgg16"]
+    style_layers, content_layers = list(info.style_layers), list(info.content_layers)
+    blobs = list(dict.fromkeys([*style_layers, *content_layers]))
+    net = load_net(info.prototxt, weights, blobs, "avg")
+    engine = make_engine("torch", net, "avg")
+    content = images.preprocess(images.resize_long_side(content_rgb, 301))  # 226 x 301
+    style = images.preprocess(images.resize_long_side(style_rgb, 361))
+    h, w = content.shape[1:]
+    rng = np.random.default_rng(0)
+    x = (content + rng.normal(0, 20, content.shape)).astype(np.float32)
+
+    style_plan = tiling.plan_tiles(net, "avg", *style.shape[1:], style_layers, (64, 64))
+    grams = {k: gram_numpy(v) for k, v in engine.features(style, style_layers).items()}
+    tiled_grams = tiling.tiled_grams(engine, style, style_layers, style_plan)
+    assert style_plan.count >= 6
+    for k in style_layers:
+        assert rel(tiled_grams[k], grams[k]) < LOSS_RTOL, k
+    plan = tiling.plan_tiles(net, "avg", h, w, blobs, (64, 64))
+    assert plan.count >= 6 and plan.tile_size[0] < h and plan.tile_size[1] < w
+    targets = engine.features(content, content_layers)
+    for k, v in tiling.tiled_features(engine, content, content_layers, plan).items():
+        assert rel(v, targets[k]) < LOSS_RTOL, k
+
+    objective = Objective(dict(info.content_layers), dict(info.style_layers), 1e4, targets,
+                          {k: grams[k][None] for k in style_layers}, np.ones(1))
+    want = engine.bind(objective)(x)
+    got = tiling.TiledEvaluator(engine, objective, plan)(x)
+    loss_rel, grad_rel = abs(got.loss - want.loss) / abs(want.loss), rel(got.grad, want.grad)
+    print(f"real VGG16, {w}x{h} in {plan.count} tiles: loss {loss_rel:.1e}, gradient {grad_rel:.1e} relative")
+    assert loss_rel <= LOSS_RTOL
+    assert grad_rel <= GRAD_RTOL
