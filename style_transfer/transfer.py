@@ -117,6 +117,7 @@ class Stylization:
         for index, (length, iters) in enumerate(self.plan):
             content = images.resize_long_side(self.content, length)
             h, w = content.shape[:2]
+            evaluate = None  # the last scale's targets go before this scale's are made
             evaluate = self._evaluator(content, length)
             if x is None:
                 start = initial_image(self.options["init"], content, self.styles, self.blend, self.seed)
