@@ -1,14 +1,5 @@
-"""Floating-point work of one L-BFGS evaluation, counted from the net definition.
-
-One evaluation is a forward pass to the deepest used blob, the losses, and the gradient with respect to the input
-image only. Its unavoidable matrix work is:
-
-- every convolution's forward multiply-adds: N * C_out * H_out * W_out * (C_in / group) * k_h * k_w;
-- the same count again for the gradient with respect to each convolution's input (a transposed convolution), for
-  every convolution that lies between the image and a loss blob (no weight or bias gradients);
-- for each style layer, the Gram matrix F F^T (C^2 * HW multiply-adds) and its backward 4 (G - A) F (the same again).
-
-FLOPs are 2 per multiply-add. Element-wise layers, pooling and LRN are memory-bound and left out: the floor is the
+"""Floating-point work of one L-BFGS evaluation of a shipped model, as style_transfer/flops.py counts it (the
+convolutions forward and input-gradient backward, the Gram matrices; see there). The benchmarks' floor is this
 matrix work divided by the machine's measured sgemm throughput.
 
     python -m bench.flops vgg19 512 384
@@ -17,113 +8,11 @@ matrix work divided by the machine's measured sgemm throughput.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
-import numpy as np
+from style_transfer.flops import LayerWork, Work, count
 
-from style_transfer.caffe_model.net import Net, conv_geometry, infer_shapes, truncate
-
-
-@dataclass
-class LayerWork:
-    name: str
-    kind: str  # "conv", "fc" or "gram"
-    forward_macs: int
-    backward_macs: int  # input-gradient only
-
-
-@dataclass
-class Work:
-    layers: list[LayerWork] = field(default_factory=list)
-
-    def _sum(self, kinds: Iterable[str], forward: bool, backward: bool) -> int:
-        wanted = set(kinds)
-        return sum((w.forward_macs if forward else 0) + (w.backward_macs if backward else 0)
-                   for w in self.layers if w.kind in wanted)
-
-    @property
-    def conv_forward_macs(self) -> int:
-        return self._sum(("conv",), True, False)
-
-    @property
-    def conv_backward_macs(self) -> int:
-        return self._sum(("conv",), False, True)
-
-    @property
-    def gram_macs(self) -> int:
-        return self._sum(("gram",), True, True)
-
-    @property
-    def forward_macs(self) -> int:
-        """Every counted layer's forward work (convolutions and fully connected layers; no Gram matrices)."""
-        return self._sum(("conv", "fc"), True, False)
-
-    @property
-    def conv_flops(self) -> int:
-        """The issue's floor work: convolution forward and input-gradient backward."""
-        return 2 * (self.conv_forward_macs + self.conv_backward_macs)
-
-    @property
-    def total_flops(self) -> int:
-        """Convolution work plus the Gram matrices of the style layers, forward and backward."""
-        return self.conv_flops + 2 * self.gram_macs
-
-
-def count(net: Net, height: int, width: int, style_layers: Iterable[str] = (),
-          loss_blobs: Iterable[str] | None = None, pooling: str | None = None) -> Work:
-    """The work of one evaluation at an input of `height` x `width`.
-
-    `loss_blobs` are the blobs the objective reads (style and content layers); by default every blob the net makes.
-    The net is cut after the deepest of them first, as the engines do. A convolution gets an input-gradient count
-    when its input depends on the image and its output reaches a loss blob.
-    """
-    style = list(style_layers)
-    wanted = list(loss_blobs) if loss_blobs is not None else None
-    if wanted is not None:
-        net = truncate(net, [*wanted, *style])
-        wanted = [*wanted, *style]
-    shapes = infer_shapes(net, (1, 3, height, width), pooling)
-    # Blob names are reused by in-place layers, so data flow is tracked per layer, not per name.
-    depends_on_image: list[bool] = []
-    writer: dict[str, int] = {}
-    readers_of: list[list[int]] = [[] for _ in net.layers]
-    for i, layer in enumerate(net.layers):
-        sources = [writer[b] for b in layer.bottoms if b in writer]
-        for s in sources:
-            readers_of[s].append(i)
-        depends_on_image.append(any(b == net.input_name and b not in writer for b in layer.bottoms)
-                                or any(depends_on_image[s] for s in sources))
-        for top in layer.tops:
-            writer[top] = i
-    # A layer feeds a loss when it writes the final value of a loss blob or feeds a layer that does.
-    targets = set(wanted) if wanted is not None else set(writer)
-    feeds_loss = [False] * len(net.layers)
-    for i in reversed(range(len(net.layers))):
-        layer = net.layers[i]
-        final = any(writer.get(t) == i and t in targets for t in layer.tops)
-        feeds_loss[i] = final or any(feeds_loss[r] for r in readers_of[i])
-
-    work = Work()
-    for i, layer in enumerate(net.layers):
-        if layer.type == "Convolution":
-            n, c_in, _h, _w = shapes[layer.bottoms[0]]
-            _n, c_out, h_out, w_out = shapes[layer.tops[0]]
-            g = conv_geometry(layer)
-            macs = n * c_out * h_out * w_out * (c_in // g.group) * g.kernel[0] * g.kernel[1]
-            backward = macs if depends_on_image[i] and feeds_loss[i] else 0
-            work.layers.append(LayerWork(layer.name, "conv", macs, backward))
-        elif layer.type == "InnerProduct":
-            bottom = shapes[layer.bottoms[0]]
-            out = shapes[layer.tops[0]]
-            macs = bottom[0] * int(np.prod(bottom[1:])) * out[1]
-            backward = macs if depends_on_image[i] and feeds_loss[i] else 0
-            work.layers.append(LayerWork(layer.name, "fc", macs, backward))
-    for blob in style:
-        _n, c, h, w = shapes[blob]
-        macs = c * c * h * w
-        work.layers.append(LayerWork(blob, "gram", macs, macs))
-    return work
+__all__ = ["LayerWork", "Work", "count", "count_model"]
 
 
 def count_model(model: str, height: int, width: int, pooling: str = "avg",

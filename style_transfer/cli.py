@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from style_transfer.caffe_model.registry import MODELS
 from style_transfer.errors import StyleTransferError
 from style_transfer.openmp import prefer_short_spin
 from style_transfer.options import OPTIONS, HelpFormatter, Parser, add_arguments, defaults, init_kind, values_for
+from style_transfer.plan import SUGGEST_AUTO_ABOVE, Progress, ScaleCost
 from style_transfer.util import check_writable, guarded, reason, write_json
 
 ANIMATION_FORMATS = (".gif", ".webp", ".png", ".mp4")
@@ -92,16 +94,24 @@ def run(args: argparse.Namespace) -> int:
     for notice in [*notices, *job.notices]:
         _say(notice)
     told = len(job.notices)
+    if args.scales == 1 and args.length > SUGGEST_AUTO_ABOVE:
+        _say(f"-l {args.length} in one scale: every iteration evaluates the full size ({(args.length / 512) ** 2:.0f}x "
+             "the work of one at 512 px); --scales auto does most of them at smaller sizes")
+    if args.verbose:
+        for line in plan_lines(job.costs()):
+            _say(line)
 
     frame_every = args.save_every or max(1, job.iterations // 50)
     frames: list[np.ndarray] = []
+    # The time left is the library's estimate (plan.Clock), which knows that later scales cost more.
     bar = tqdm(total=job.iterations, desc="stylizing", unit="it", dynamic_ncols=True, file=sys.stderr,
-               disable=None)
+               disable=None, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+    status = Status(bar, verbose=args.verbose)
 
     def on_step(step: Any) -> None:
         bar.update(1)
         if step.evaluation is not None:
-            bar.set_postfix(loss=f"{step.evaluation.loss:.4g}", scale=step.scale + 1, refresh=False)
+            status.loss = f"{step.evaluation.loss:.4g}"
             if args.verbose and (step.iteration == 1 or step.iteration % 10 == 0 or step.iteration == job.iterations):
                 layers = "  ".join(f"{k}={v:.4g}" for k, v in step.evaluation.layers.items())
                 bar.write(f"iter {step.iteration}: loss={step.evaluation.loss:.6g}  {layers}", file=sys.stderr)
@@ -111,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             frames.append(job.to_rgb(step.image))
 
     try:
-        result = job.run(on_step)
+        result = job.run(on_step, status.update)
     finally:
         bar.close()
     if result.iterations == 0 and result.stop_reason in ("interrupted", "nonfinite"):
@@ -139,6 +149,71 @@ def run(args: argparse.Namespace) -> int:
              f"{report['seconds']:.1f} s, {job.evaluations} evaluations")
     print(output)
     return 130 if result.interrupted else 0
+
+
+def duration(seconds: float) -> str:
+    """12s, 4m05s, 1h02m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def plan_lines(costs: Sequence[ScaleCost]) -> list[str]:
+    """-v's picture of the plan: each scale's size, iterations, tiling and share of the work."""
+    total = sum(c.work() for c in costs) or 1.0
+    lines = [f"plan: {len(costs)} scale(s), {sum(c.iterations for c in costs)} iterations, "
+             f"{total / 1e12:.3g} TFLOP; the time is estimated once the first evaluations are timed"]
+    for i, c in enumerate(costs, 1):
+        tiles = f"{c.tiles} tiles" if c.tiles else "whole"
+        iterations = f"{c.iterations} iteration{'s' * (c.iterations != 1)}"
+        lines.append(f"  scale {i}: {c.width}x{c.height}, {iterations}, {tiles}, "
+                     f"{c.evaluation / 1e9:.4g} GFLOP per evaluation, {100 * c.work() / total:.0f}% of the work")
+    return lines
+
+
+class Status:
+    """The progress bar's loss, scale, tiles and time left, from the library's plan.Progress; with -v also a line
+    when the first estimate of the whole run's time is known and then every STATUS_EVERY seconds (for logs, where
+    the bar is off)."""
+
+    def __init__(self, bar: Any, verbose: bool) -> None:
+        self.bar, self.verbose = bar, verbose
+        self.loss = ""
+        self.estimated = False
+        self.shown = self.written = 0.0
+
+    def update(self, p: Progress) -> None:
+        fields = {"loss": self.loss} if self.loss else {}
+        if p.scales > 1:
+            fields["scale"] = f"{p.scale + 1}/{p.scales}"
+        if p.tiles:
+            fields["tiles"] = f"pass {p.tile_pass}/2 {p.tile}/{p.tiles}" if p.stage == "evaluation" else \
+                f"targets {p.tile}/{p.tiles}"
+        if p.remaining is not None:
+            fields["left"] = duration(p.remaining)
+        now = time.monotonic()
+        refresh = bool(p.tiles) and now - self.shown >= 0.5  # a long evaluation: the bar's count does not move
+        if refresh:
+            self.shown = now
+        self.bar.set_postfix(fields, refresh=refresh)
+        if not self.verbose or p.remaining is None:
+            return
+        if not self.estimated and p.evaluations >= 3:
+            self.estimated, self.written = True, now
+            self.bar.write(f"style.py: about {duration(p.elapsed + p.remaining)} in all at the "
+                           f"{(p.flops_per_second or 0) / 1e9:.3g} GFLOP/s measured so far", file=sys.stderr)
+        elif self.estimated and now - self.written >= STATUS_EVERY:
+            self.written = now
+            where = f"pass {p.tile_pass}/2, tile {p.tile} of {p.tiles}" if p.tiles and p.tile_pass else p.stage
+            self.bar.write(f"style.py: scale {p.scale + 1}/{p.scales} ({p.width}x{p.height}), iteration "
+                           f"{p.iteration}/{p.iterations}, evaluation {p.evaluations} ({where}); "
+                           f"{duration(p.elapsed)} so far, about {duration(p.remaining)} left", file=sys.stderr)
+
+
+STATUS_EVERY = 60.0
 
 
 def _save_animation(path: Path, frames: list[np.ndarray]) -> None:

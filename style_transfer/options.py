@@ -89,6 +89,17 @@ def whole(minimum: int | None = 1) -> Check:
     return check
 
 
+def _scales(value: Any, label: str) -> int | str:
+    from style_transfer.plan import AUTO
+
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return int(whole()(value, label))
+    except StyleTransferError:
+        raise StyleTransferError(f"{label} needs a whole number >= 1 or {AUTO}, got {value!r}") from None
+
+
 def _length(value: Any, label: str) -> int:
     # The original parsed -l as a float; "512.0" is accepted, the work is in whole pixels.
     from style_transfer.images import MIN_SIDE
@@ -261,9 +272,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_memory", ("--max-memory",), "memory a run may use, in GB (RAM on the CPU, free device memory on "
            "CUDA): an image whose evaluation needs more is evaluated in tiles, exactly (default: what is available)",
            None, number(0.0, strict=True), fingerprint=False, metavar="GB"),
-    Option("scales", ("--scales",), "coarse-to-fine scales; 1 is the original single-scale run", 1, whole()),
+    Option("scales", ("--scales",), "coarse-to-fine: N sizes from --min-length to --length, -n split in proportion "
+           "to 1/size; or auto, for big outputs: from 512 px (--min-length) doubling up to --length, -n split in "
+           "proportion to 1/pixels (every scale about the same time, a few iterations at full size); -n is the total "
+           "either way; 1 is the original single-scale run", 1, _scales, metavar="N|auto"),
     Option("min_length", ("--min-length",), "long side of the smallest scale, with --scales (default: halving per "
-           "scale, at least 64)", None, whole()),
+           "scale, at least 64; 512 with auto)", None, whole()),
     Option("color_match", ("--color-match",), "recolour the style image(s) to the content's colour statistics "
            "first", "none", _one_of("none", "meancov", "histogram"), choices=("none", "meancov", "histogram")),
     Option("original_colors", ("--original-colors",), "keep the content's colours: the result's luminance with "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -82,6 +82,10 @@ class TilePlan:
     def tile_size(self) -> tuple[int, int]:
         """The largest tile's input size (height, width)."""
         return max(s.end - s.start for s in self.rows), max(s.end - s.start for s in self.cols)
+
+    def tile_sizes(self) -> list[tuple[int, int]]:
+        """Every tile's input size (height, width)."""
+        return [(r.end - r.start, c.end - c.start) for r in self.rows for c in self.cols]
 
     def summary(self) -> dict[str, Any]:
         """What the report and `-v` say about the tiling."""
@@ -173,12 +177,41 @@ def evaluation_bytes(net: Net, pooling: str | None, height: int, width: int) -> 
     return int(ACTIVATION_FACTOR * 4 * sum(math.prod(s) for s in shapes.values()))
 
 
-def run_bytes(net: Net, height: int, width: int, lbfgs_memory: int) -> int:
-    """Memory a run needs beside its evaluations: scipy's L-BFGS-B workspace, (2m + 5) n doubles plus its
-    bookkeeping, the run's own full-size arrays (iterate, gradient, bounds) and the weights."""
+# Bytes per image value (there are 3 H W) a run keeps beside setulb's work array while it evaluates: setulb's iterate
+# and the gradient handed back to it (float64 each), the bounds (two float64), their codes and setulb's integer work
+# array (four int32); optimize.LBFGSB's two recent evaluations (a float32 image and gradient each); the image being
+# evaluated and the gradient it returns (float32 each).
+RUN_BYTES_PER_VALUE = 8 + 8 + 16 + 16 + 16 + 8
+# With scipy.optimize.minimize instead (a scipy whose setulb optimize.py does not drive itself): its Python lists of
+# bounds. An estimate; BENCHMARKS.md has the measurement.
+MINIMIZE_BYTES_PER_VALUE = 240
+
+
+def run_bytes(net: Net, height: int, width: int, lbfgs_memory: int, kept: int = 0) -> int:
+    """Memory a run needs beside its evaluations: scipy's L-BFGS-B work array ((2m + 5) n doubles and its
+    bookkeeping, optimize.workspace_doubles), the run's other full-size arrays (RUN_BYTES_PER_VALUE), `kept` bytes
+    the caller holds for the whole run (the content targets) and the weights."""
+    from style_transfer import optimize
+
     n = 3 * height * width
     weights = sum(a.nbytes for arrays in net.weights.values() for a in arrays)
-    return (2 * lbfgs_memory + 5) * n * 8 + 8 * n * 8 + weights
+    per_value = RUN_BYTES_PER_VALUE + (0 if optimize.SETULB is not None else MINIMIZE_BYTES_PER_VALUE)
+    return 8 * optimize.workspace_doubles(n, lbfgs_memory) + per_value * n + kept + weights
+
+
+def blob_bytes(net: Net, pooling: str | None, height: int, width: int, blobs: Sequence[str]) -> int:
+    """Float32 bytes of these blobs for an image of this size (e.g. the content targets a run keeps)."""
+    shapes = infer_shapes(net, (1, 3, height, width), pooling)
+    return 4 * sum(math.prod(shapes[b]) for b in blobs)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (the net's weights, the libraries, the run so far); 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0
 
 
 def available_bytes(device: str) -> int:
@@ -233,29 +266,39 @@ def choose_tiles(net: Net, pooling: str | None, height: int, width: int, blobs: 
 
 # ----------------------------------------------------------------------------------------------- targets
 
+# Told after each tile: (pass, tiles done in it, tiles in it); pass 1 is a forward pass over the tiles, pass 2 a
+# forward and backward one. For a progress display; the library itself prints nothing.
+OnTile = Callable[[int, int, int], None]
 
-def tiled_features(engine: Engine, image: np.ndarray, blobs: Sequence[str], plan: TilePlan) -> dict[str, np.ndarray]:
+
+def tiled_features(engine: Engine, image: np.ndarray, blobs: Sequence[str], plan: TilePlan,
+                   on_tile: OnTile | None = None) -> dict[str, np.ndarray]:
     """Engine.features of the whole image (C x H x W per blob), assembled from each tile's interior."""
     out = {b: np.empty(plan.shapes[b][1:], np.float32) for b in blobs}
-    for tile in plan.tiles:
+    for k, tile in enumerate(plan.tiles, 1):
         feats = engine.features(tile.crop(image), blobs)
         for b in blobs:
             (lr, lc), (gr, gc) = plan.interior(tile, b)
             out[b][:, gr, gc] = feats[b][:, lr, lc]
+        if on_tile is not None:
+            on_tile(1, k, plan.count)
     return out
 
 
-def tiled_grams(engine: Engine, image: np.ndarray, blobs: Sequence[str], plan: TilePlan) -> dict[str, np.ndarray]:
+def tiled_grams(engine: Engine, image: np.ndarray, blobs: Sequence[str], plan: TilePlan,
+                on_tile: OnTile | None = None) -> dict[str, np.ndarray]:
     """The Gram matrix F F^T of each blob of the whole image (losses.gram_numpy), summed over the tiles' interiors
     in float64."""
     grams: dict[str, np.ndarray] = {}
-    for tile in plan.tiles:
+    for k, tile in enumerate(plan.tiles, 1):
         feats = engine.features(tile.crop(image), blobs)
         for b in blobs:
             (lr, lc), _ = plan.interior(tile, b)
             f = np.ascontiguousarray(feats[b][:, lr, lc]).reshape(feats[b].shape[0], -1)
             part = (f @ f.T).astype(np.float64)
             grams[b] = grams[b] + part if b in grams else part
+        if on_tile is not None:
+            on_tile(1, k, plan.count)
     return {b: g.astype(np.float32) for b, g in grams.items()}
 
 
@@ -265,8 +308,8 @@ def tiled_grams(engine: Engine, image: np.ndarray, blobs: Sequence[str], plan: T
 class TiledEvaluator(Evaluator):
     """An objective evaluated tile by tile on any engine; equal to `engine.bind(objective)` up to rounding."""
 
-    def __init__(self, engine: Engine, objective: Objective, plan: TilePlan) -> None:
-        self.engine, self.objective, self.plan = engine, objective, plan
+    def __init__(self, engine: Engine, objective: Objective, plan: TilePlan, on_tile: OnTile | None = None) -> None:
+        self.engine, self.objective, self.plan, self.on_tile = engine, objective, plan, on_tile
         self.blobs = objective.layers
         missing = [b for b in self.blobs if b not in plan.shapes]
         if missing:
@@ -285,7 +328,7 @@ class TiledEvaluator(Evaluator):
         grams = {b: torch.zeros((plan.shapes[b][1],) * 2, dtype=torch.float64) for b in style}
         content = dict.fromkeys(obj.content_weights, 0.0)
         # Pass 1: the Gram matrices and the content terms.
-        for tile in plan.tiles:
+        for k, tile in enumerate(plan.tiles, 1):
             feats = engine.features(tile.crop(image), self.blobs)
             for b in style:
                 (lr, lc), _ = plan.interior(tile, b)
@@ -296,6 +339,8 @@ class TiledEvaluator(Evaluator):
                 diff = (feats[b][:, lr, lc] - self.content[b][:, gr, gc]).astype(np.float64)
                 content[b] += 0.5 * w * float(np.vdot(diff, diff))
             del feats
+            if self.on_tile is not None:
+                self.on_tile(1, k, plan.count)
         terms: dict[str, float] = {}
         weights: dict[str, torch.Tensor] = {}
         for b in style:
@@ -307,7 +352,7 @@ class TiledEvaluator(Evaluator):
 
         # Pass 2: each tile's interior feature gradients back to its input.
         grad: np.ndarray | None = None
-        for tile in plan.tiles:
+        for k, tile in enumerate(plan.tiles, 1):
             def feature_grads(feats: dict[str, torch.Tensor], tile: Tile = tile
                               ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
                 grads: dict[str, torch.Tensor] = {}
@@ -334,6 +379,9 @@ class TiledEvaluator(Evaluator):
             if grad is None:  # the engine's dtype: float32, or float64 for gradient checks
                 grad = np.zeros(image.shape, tile_grad.dtype)
             grad[:, tile.rows.start:tile.rows.end, tile.cols.start:tile.cols.end] += tile_grad
+            del tile_grad
+            if self.on_tile is not None:
+                self.on_tile(2, k, plan.count)
         assert grad is not None
         tv = 0.0
         if obj.tv_weight:

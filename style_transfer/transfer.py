@@ -4,6 +4,8 @@
     run = st.stylize(content, [style], num_iters=200)    # RGB arrays, H x W x 3 in [0, 1]
     result = run.run(on_step=print)                      # RunResult: the image, its scores and the report
 
+The scales of a run, their tiling and cost, and the time left are plan.py's (`run.costs()`, `run(on_progress=...)`).
+
 A run's objective is bound to the run (`engine.bind`), so runs made from one StyleTransfer never see each other's
 targets.
 """
@@ -24,42 +26,15 @@ from style_transfer.caffe_model.loader import load_net
 from style_transfer.caffe_model.registry import get_model
 from style_transfer.colors import match_colors, original_colors
 from style_transfer.engines import Evaluation, create_engine
-from style_transfer.errors import ImageError, ModelError, StyleTransferError
+from style_transfer.errors import ModelError, StyleTransferError
 from style_transfer.initial import initial_image
 from style_transfer.options import BY_NAME, check_all, init_kind, parse_layer_weights
+from style_transfer.plan import Clock, CostModel, Progress, ScaleCost, check_sizes, scale_plan
+
+__all__ = ["RunResult", "StyleTransfer", "Stylization", "TemporalTarget", "scale_plan"]
 
 if TYPE_CHECKING:  # tiling imports torch, which must load after style_transfer/openmp.py has run
     from style_transfer import tiling
-
-
-def scale_plan(length: int, scales: int, min_length: int | None, iterations: int) -> list[tuple[int, int]]:
-    """(long side, iterations) per scale, smallest first.
-
-    Sizes grow geometrically from `min_length` (default: half of `length` per step down, at least 64 px) to
-    `length`. Iterations are split in proportion to 1/size: a coarse iteration costs a fraction of a fine one and
-    moves the image further, so coarse scales get more of them. `scales == 1` is the original single-scale run
-    (options.py has checked that `scales` is at least 1).
-    """
-    if scales == 1:
-        if min_length is not None:
-            raise StyleTransferError("--min-length sets the smallest of several --scales; give --scales 2 or more")
-        return [(length, iterations)]
-    if iterations < scales:
-        raise StyleTransferError(f"-n/--num-iters {iterations} is fewer than --scales {scales}: each scale needs "
-                                 "at least one iteration")
-    smallest = min_length if min_length is not None else max(64, length >> (scales - 1))
-    if not images.MIN_SIDE <= smallest <= length:
-        raise StyleTransferError(f"--min-length must be between {images.MIN_SIDE} and --length {length}, "
-                                 f"got {smallest}")
-    sizes = [round(smallest * (length / smallest) ** (i / (scales - 1))) for i in range(scales)]
-    if len(set(sizes)) != len(sizes):
-        given = f"--min-length {min_length}" if min_length is not None else "the default smallest size 64"
-        raise StyleTransferError(f"--scales {scales} from {given} to --length {length} repeats sizes "
-                                 f"({', '.join(map(str, sizes))}); use fewer scales or a smaller --min-length")
-    shares = np.array([1.0 / s for s in sizes])
-    counts = np.maximum(1, np.floor(iterations * shares / shares.sum()).astype(int))
-    counts[0] += iterations - int(counts.sum())  # rounding leftovers go to the cheapest scale
-    return list(zip(sizes, (int(c) for c in counts), strict=True))
 
 
 @dataclass
@@ -106,6 +81,9 @@ class Stylization:
     evaluations: int = 0
     tilings: list[dict[str, Any] | None] = field(default_factory=list)  # per scale run: how it was tiled, or None
     temporal: TemporalTarget | None = None
+    _clock: Clock | None = field(default=None, repr=False)
+    _on_progress: Callable[[Progress], None] | None = field(default=None, repr=False)
+    _cost_model: CostModel | None = field(default=None, repr=False)
 
     @property
     def iterations(self) -> int:
@@ -118,8 +96,10 @@ class Stylization:
             rgb = original_colors(rgb, images.resize_to(self.content, rgb.shape[0], rgb.shape[1]))
         return rgb
 
-    def run(self, on_step: Callable[[Any], None] | None = None) -> RunResult:
-        """Optimise every scale in turn; `on_step` sees each L-BFGS-B iteration (and may raise StopIteration).
+    def run(self, on_step: Callable[[Any], None] | None = None,
+            on_progress: Callable[[Progress], None] | None = None) -> RunResult:
+        """Optimise every scale in turn; `on_step` sees each L-BFGS-B iteration (and may raise StopIteration),
+        `on_progress` each tile, evaluation and iteration with the time left (plan.Progress).
 
         Ctrl-C, a StopIteration from `on_step` and a non-finite loss end the run with the last good iterate instead
         of an exception, so that a caller always has an image to save."""
@@ -128,6 +108,7 @@ class Stylization:
         started = time.perf_counter()
         self.evaluations = 0
         self.tilings = []
+        self._clock, self._on_progress = Clock(self.costs(), started), on_progress
         x: np.ndarray | None = None
         done = 0
         stop_reason, error, stopped_early = "", None, False
@@ -136,20 +117,27 @@ class Stylization:
         for index, (length, iters) in enumerate(self.plan):
             content = images.resize_long_side(self.content, length)
             h, w = content.shape[:2]
+            evaluate = None  # the last scale's targets go before this scale's are made
             evaluate = self._evaluator(content, length)
             if x is None:
                 start = initial_image(self.options["init"], content, self.styles, self.blend, self.seed)
             else:
                 start = images.resize_to(images.deprocess(x), h, w)
-            lower, upper = images.pixel_bounds(h, w)
+            # Only the optimiser's own float64 copies of the start and the bounds stay for the scale.
+            optimiser = LBFGSB(evaluate, images.preprocess(start), *images.pixel_bounds(h, w), iters,
+                               self.options["lbfgs_memory"])
+            del content, start
 
             def forward(step: Any, offset: int = done, scale: int = index) -> None:
+                assert self._clock is not None
+                self._clock.iteration_done()
                 if on_step is not None:
                     on_step(replace(step, iteration=offset + step.iteration, scale=scale,
                                     evaluations=self.evaluations))
+                self._tell()
 
-            result = LBFGSB(evaluate, images.preprocess(start), lower, upper, iters,
-                            self.options["lbfgs_memory"]).run(forward)
+            result = optimiser.run(forward)
+            del optimiser
             done += result.iterations
             x = result.image
             evaluation = result.last_evaluation
@@ -170,40 +158,100 @@ class Stylization:
         return RunResult(rgb=self.to_rgb(x), x=x, evaluation=evaluation, iterations=done, stop_reason=stop_reason,
                          error=error, stopped_early=stopped_early, report=report)
 
-    def _tiles(self, height: int, width: int, blobs: list[str]) -> tiling.TilePlan | None:
-        """Tiles for an image of this size when one evaluation of it does not fit the memory budget."""
+    def _tiles(self, height: int, width: int, blobs: list[str], fixed: int) -> tiling.TilePlan | None:
+        """Tiles for an image of this size when one evaluation of it does not fit the memory budget beside `fixed`
+        bytes of other arrays."""
         from style_transfer import tiling
 
         st = self.transfer
         available = tiling.available_bytes(st.engine.device)
         cap = self.options["max_memory"]
         budget = available if cap is None else min(available, int(cap * tiling.GB))
-        what = f"--max-memory {cap:g}" if cap is not None and cap * tiling.GB <= available else \
-            f"the memory available ({available / tiling.GB:.1f} GB)"
-        # On the CPU the optimiser's full-size arrays share the budget; on CUDA they live in host memory.
-        fixed = tiling.run_bytes(st.net, height, width, self.options["lbfgs_memory"]) \
-            if st.engine.device == "cpu" else 0
+        if cap is not None and cap * tiling.GB <= available:
+            what = f"--max-memory {cap:g}"
+            if st.engine.device == "cpu":  # the cap is the process's: what it holds already counts
+                fixed += tiling.resident_bytes()
+        else:  # what is available is beside what the process holds already
+            what = f"the memory available ({available / tiling.GB:.1f} GB)"
         pooling = None if st.engine.pooling == "file" else st.engine.pooling
         return tiling.choose_tiles(st.net, pooling, height, width, blobs, budget, fixed, what)
+
+    def _run_bytes(self, height: int, width: int) -> int:
+        """What the optimisation keeps beside an evaluation at this size. On the CPU the optimiser's full-size arrays
+        share the budget; on CUDA they live in host memory."""
+        from style_transfer import tiling
+
+        st = self.transfer
+        if st.engine.device != "cpu":
+            return 0
+        pooling = None if st.engine.pooling == "file" else st.engine.pooling
+        kept = tiling.blob_bytes(st.net, pooling, height, width, list(st.content_weights))
+        return tiling.run_bytes(st.net, height, width, self.options["lbfgs_memory"], kept)
+
+    def costs(self) -> list[ScaleCost]:
+        """Each scale's size, iterations, tiling and work, with the tiles the memory available now allows (a run
+        chooses them again as each scale starts)."""
+        return [self._cost(index, self._sizes(length)) for index, (length, _) in enumerate(self.plan)]
+
+    def _sizes(self, length: int) -> tuple[tuple[int, int], list[tuple[tuple[int, int], tiling.TilePlan | None]],
+                                           tiling.TilePlan | None]:
+        """At this scale: the content's size, each style image's size and tiles, and the objective's tiles."""
+        st = self.transfer
+        h, w = images.long_side_size(self.content.shape[0], self.content.shape[1], length)
+        styles = []
+        for style in self.styles:
+            size = images.long_side_size(style.shape[0], style.shape[1], round(length * self.options["style_scale"]))
+            # The style targets are made between two scales' optimisations: no optimiser's arrays beside them.
+            styles.append((size, self._tiles(*size, list(st.style_weights), 0)))
+        objective_blobs = list(dict.fromkeys([*st.style_weights, *st.content_weights]))
+        return (h, w), styles, self._tiles(h, w, objective_blobs, self._run_bytes(h, w))
+
+    def _cost(self, index: int, sizes: tuple[tuple[int, int], list[tuple[tuple[int, int], tiling.TilePlan | None]],
+                                             tiling.TilePlan | None]) -> ScaleCost:
+        st = self.transfer
+        if self._cost_model is None:
+            pooling = None if st.engine.pooling == "file" else st.engine.pooling
+            self._cost_model = CostModel(st.net, pooling, list(st.style_weights), list(st.content_weights))
+        (h, w), styles, plan = sizes
+        model = self._cost_model
+        return ScaleCost(w, h, self.plan[index][1], 0 if plan is None else plan.count,
+                         model.evaluation(h, w, None if plan is None else plan.tile_sizes()),
+                         model.targets((h, w), None if plan is None else plan.tile_sizes(),
+                                       [(size, None if p is None else p.tile_sizes()) for size, p in styles]))
+
+    def _tell(self, tile_pass: int = 0, tile: int = 0, tiles: int = 0) -> None:
+        if self._on_progress is not None and self._clock is not None:
+            self._on_progress(self._clock.progress(tile_pass, tile, tiles))
+
+    def _tile(self, tile_pass: int, tile: int, tiles: int) -> None:
+        assert self._clock is not None
+        self._clock.tile_done(tile_pass, tile, tiles)
+        self._tell(tile_pass, tile, tiles)
 
     def _evaluator(self, content: np.ndarray, length: int) -> Callable[[np.ndarray], Evaluation]:
         from style_transfer import tiling
         from style_transfer.losses import Objective
 
         st = self.transfer
-        style_blobs = list(st.style_weights)
+        clock = self._clock
+        assert clock is not None
+        index = [size for size, _ in self.plan].index(length)  # scale_plan never repeats a size
+        sizes = self._sizes(length)
+        (h, w), style_plans, plan = sizes
+        clock.start_scale(index, self._cost(index, sizes))
+        self._tell()
         grams = []
-        for style in self.styles:
+        for style, (_size, style_plan) in zip(self.styles, style_plans, strict=True):
             resized = images.resize_long_side(style, round(length * self.options["style_scale"]))
             matched = match_colors(resized, content, self.options["color_match"])
-            style_plan = self._tiles(matched.shape[0], matched.shape[1], style_blobs)
-            grams.append(st.style_grams(matched) if style_plan is None else st.style_grams(matched, style_plan))
-        h, w = content.shape[:2]
-        objective_blobs = list(dict.fromkeys([*st.style_weights, *st.content_weights]))
-        plan = self._tiles(h, w, objective_blobs)
+            grams.append(st.style_grams(matched) if style_plan is None else
+                         st.style_grams(matched, style_plan, self._tile))
         x_content = images.preprocess(content)
         content_feats = st.engine.features(x_content, list(st.content_weights)) if plan is None else \
-            tiling.tiled_features(st.engine, x_content, list(st.content_weights), plan)
+            tiling.tiled_features(st.engine, x_content, list(st.content_weights), plan, self._tile)
+        del x_content
+        clock.targets_done()
+        self._tell()
         objective = Objective(
             content_weights=st.content_weights, style_weights=st.style_weights, ratio=float(self.options["ratio"]),
             content_targets=content_feats,
@@ -212,7 +260,8 @@ class Stylization:
         if plan is not None and objective.has_temporal:
             raise StyleTransferError("a video frame too large for memory cannot be tiled yet; lower -l/--length or "
                                      "raise --max-memory")
-        evaluator = st.engine.bind(objective) if plan is None else tiling.TiledEvaluator(st.engine, objective, plan)
+        evaluator = st.engine.bind(objective) if plan is None else \
+            tiling.TiledEvaluator(st.engine, objective, plan, self._tile)
         self.tilings.append(None if plan is None else plan.summary())
         if plan is not None and st.options["verbose"]:
             tile_h, tile_w = plan.tile_size
@@ -221,7 +270,10 @@ class Stylization:
 
         def evaluate(image: np.ndarray) -> Evaluation:
             self.evaluations += 1
-            return evaluator.evaluate(image)
+            result = evaluator.evaluate(image)
+            clock.evaluation_done()
+            self._tell()
+            return result
 
         return evaluate
 
@@ -317,13 +369,14 @@ class StyleTransfer:
         seconds, self._setup_seconds = self._setup_seconds, 0.0
         return seconds
 
-    def style_grams(self, style: np.ndarray, plan: tiling.TilePlan | None = None) -> dict[str, np.ndarray]:
+    def style_grams(self, style: np.ndarray, plan: tiling.TilePlan | None = None,
+                    on_tile: tiling.OnTile | None = None) -> dict[str, np.ndarray]:
         """The Gram matrix of each style blob for an RGB style image; tile by tile when a plan is given."""
         from style_transfer import tiling
         from style_transfer.losses import gram_numpy
 
         if plan is not None:
-            return tiling.tiled_grams(self.engine, images.preprocess(style), list(self.style_weights), plan)
+            return tiling.tiled_grams(self.engine, images.preprocess(style), list(self.style_weights), plan, on_tile)
         feats = self.engine.features(images.preprocess(style), list(self.style_weights))
         return {k: gram_numpy(v) for k, v in feats.items()}
 
@@ -344,7 +397,7 @@ class StyleTransfer:
             raise StyleTransferError(f"--style-weights: need {len(styles)} non-negative weights with a positive sum")
         blend = blend / blend.sum()
         plan = scale_plan(opts["length"], opts["scales"], opts["min_length"], opts["num_iters"])
-        _check_sizes(content, styles, plan, opts["style_scale"])
+        check_sizes(content, styles, plan, opts["style_scale"])
         if temporal is not None:
             final = images.long_side_size(content.shape[0], content.shape[1], plan[-1][0])
             if temporal.rgb.shape != (*final, 3) or temporal.mask.shape != final:
@@ -362,20 +415,3 @@ class StyleTransfer:
         self._setup_seconds += time.perf_counter() - started
         return Stylization(self, np.asarray(content, dtype=np.float32), list(styles), blend, plan, opts, seed,
                            notices=list(self.notices), temporal=temporal)
-
-
-def _check_sizes(content: np.ndarray, styles: Sequence[np.ndarray], plan: list[tuple[int, int]],
-                 style_scale: float) -> None:
-    """Every scale's content and style sizes, from the shapes alone (nothing is resampled here)."""
-    for index, (length, _) in enumerate(plan):
-        try:
-            images.long_side_size(content.shape[0], content.shape[1], length)
-            style_length = round(length * style_scale)
-            for style in styles:
-                images.long_side_size(style.shape[0], style.shape[1], style_length,
-                                      what=f"--style-scale {style_scale:g} x --length {length} =")
-        except ImageError as exc:
-            if index == len(plan) - 1:
-                raise
-            raise StyleTransferError(f"scale {index + 1} of {len(plan)} is too small: {exc}; "
-                                     "raise --min-length or use fewer --scales") from None

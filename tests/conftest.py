@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.weights import shared_dir
 from tests import tinynets
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = shared_dir(ROOT)  # ../shared, or beside the main checkout when this is a git worktree
 
 
 def require_shared(*parts: str) -> Path:

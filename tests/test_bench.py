@@ -341,3 +341,31 @@ def test_reference_and_tool_give_the_same_objective() -> None:
     loss, grad = ref.fun(image.astype(np.float64).ravel())
     assert loss == pytest.approx(want.loss, rel=1e-4)
     assert _rel(grad.reshape(image.shape), want.grad.astype(np.float64)) < 1e-3
+
+
+def test_tiling_bench_estimates_and_table(tmp_path: Path) -> None:
+    """bench/tiling.py's caps and estimates (nothing run) and its table, skipped and failed rows included."""
+    from PIL import Image
+
+    from bench import tiling as bench_tiling
+
+    content, style = tmp_path / "content.png", tmp_path / "style.png"
+    Image.new("RGB", (1024, 768)).save(content)  # Tübingen's and Starry Night's shapes
+    Image.new("RGB", (1024, 640)).save(style)
+    small, large = bench_tiling.estimates(512, content, style), bench_tiling.estimates(4096, content, style)
+    assert (small["width"], small["height"], small["style"]) == (512, 384, [384, 614])
+    assert large["cap_gb"] == 12.0 and large["tiles"] > 1 and large["untiled_gb"] > large["cap_gb"]
+    assert small["cap_gb"] < small["untiled_gb"] and small["tiles"] > 1  # forced: just under the whole need
+    rows = [bench_tiling.Row(512, "untiled", "ok", height=384, width=512, estimate_gb=1.5, seconds=[1.0, 3.0, 2.0],
+                             first_seconds=4.0, targets_seconds=1.5, losses=[100.0], peak_rss_gb=1.2),
+            bench_tiling.Row(512, "tiled", "ok", height=384, width=512, cap_gb=1.1, tiles=4, tile=[378, 378],
+                             seconds=[3.0], first_seconds=5.0, targets_seconds=2.0, losses=[100.001],
+                             peak_rss_gb=1.0),
+            bench_tiling.Row(4096, "untiled", "skipped", "estimated 84.1 GB, 21.0 available", estimate_gb=84.1),
+            bench_tiling.Row(4096, "tiled", "failed", "killed by signal 9 (out of memory?)", cap_gb=12.0,
+                             peak_rss_gb=11.9)]
+    table = bench_tiling.markdown(rows).splitlines()
+    assert len(table) == 2 + len(rows) and all(line.count("|") == 12 for line in table)
+    assert "| 512 | 512x384 | untiled | - | whole | 2.00 | 4.00 |" in table[2]
+    assert "| 4 (378x378) | 3.00 |" in table[3] and table[3].endswith("| 1.0e-05 |")
+    assert "skipped: estimated 84.1 GB" in table[4] and "killed by signal 9" in table[5] and "11.90" in table[5]

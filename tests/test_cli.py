@@ -349,3 +349,80 @@ def test_animation_as_mp4(tmp_path: Path, pair: tuple[Path, Path], tiny: list[st
     assert code == 0
     info = io.probe(tmp_path / "a.mp4")
     assert info.frames >= 4 and (info.width, info.height) == (32, 24) and info.fps == 10
+
+
+# ------------------------------------------------------------------------------------------- big outputs
+
+
+def test_scales_auto_and_verbose_show_the_plan_and_the_time(tmp_path: Path, pair: tuple[Path, Path],
+                                                           tiny: list[str], capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from style_transfer import tiling
+
+    style, content = pair
+    monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)  # a budget of a few tiles' worth forces tiling
+    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)
+    report = tmp_path / "r.json"
+    code = main(["-s", str(style), "-c", str(content), *tiny, "-l", "64", "--min-length", "32", "-n", "12",
+                 "--scales", "auto", "-v", "--max-memory", "0.0003", "-o", str(tmp_path / "o.png"),
+                 "--report", str(report)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "plan: 2 scale(s), 12 iterations" in err
+    assert "  scale 1: 32x24, 10 iterations, whole" in err
+    assert "  scale 2: 64x48, 2 iterations, " in err and "tiles, " in err
+    assert "in all at the" in err  # the estimate of the whole run, once some evaluations are timed
+    data = json.loads(report.read_text())
+    assert [(s["length"], s["iterations"]) for s in data["scales"]] == [(32, 10), (64, 2)]
+    assert data["scales"][1]["tiling"]["tiles"] >= 2 and data["options"]["scales"] == "auto"
+
+
+def test_a_big_single_scale_run_suggests_auto(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    style, content = pair
+    code = main(["-s", str(style), "-c", str(content), *tiny, "-l", "1100", "-n", "1", "-o",
+                 str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "-l 1100 in one scale" in err and "--scales auto" in err
+    code = main(["-s", str(style), "-c", str(content), *tiny, "-l", "64", "-n", "1", "-o", str(tmp_path / "p.png")])
+    assert "--scales auto" not in capsys.readouterr().err
+
+
+class FakeBar:
+    def __init__(self) -> None:
+        self.postfix: dict[str, str] = {}
+        self.written: list[str] = []
+
+    def set_postfix(self, fields: dict[str, str], refresh: bool = True) -> None:
+        self.postfix = dict(fields)
+
+    def write(self, text: str, file: object = None) -> None:
+        self.written.append(text)
+
+
+def test_status_shows_tiles_and_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    from style_transfer import cli
+    from style_transfer.plan import Progress
+
+    def progress(**changes: object) -> Progress:
+        base: dict[str, object] = dict(scale=3, scales=4, width=4096, height=3072, iteration=507, iterations=512,
+                                       evaluations=2, stage="evaluation", tile_pass=2, tile=7, tiles=12,
+                                       elapsed=2460.0, remaining=None, flops_per_second=None)
+        return Progress(**{**base, **changes})  # type: ignore[arg-type]
+
+    bar = FakeBar()
+    status = cli.Status(bar, verbose=True)
+    status.loss = "1.5e+08"
+    status.update(progress())
+    assert bar.postfix == {"loss": "1.5e+08", "scale": "4/4", "tiles": "pass 2/2 7/12"} and not bar.written
+    status.update(progress(evaluations=3, remaining=390.0, flops_per_second=2.5e11))
+    assert bar.postfix["left"] == "6m30s"
+    assert bar.written == ["style.py: about 47m30s in all at the 250 GFLOP/s measured so far"]
+    monkeypatch.setattr(cli, "STATUS_EVERY", 0.0)
+    status.update(progress(evaluations=4, remaining=300.0, flops_per_second=2.5e11))
+    assert bar.written[-1] == ("style.py: scale 4/4 (4096x3072), iteration 507/512, evaluation 4 (pass 2/2, tile 7 "
+                               "of 12); 41m00s so far, about 5m00s left")
+    status.update(progress(stage="targets", tile_pass=1, tile=3, tiles=20, remaining=300.0))
+    assert bar.postfix["tiles"] == "targets 3/20"
+    assert [cli.duration(s) for s in (0.4, 59, 61, 3599, 3725)] == ["0s", "59s", "1m01s", "59m59s", "1h02m"]

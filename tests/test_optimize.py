@@ -169,11 +169,131 @@ def test_scipy_gets_the_bounds_as_given(monkeypatch: pytest.MonkeyPatch) -> None
         return real(*args, **kwargs)
 
     monkeypatch.setattr(optimize, "minimize", spy)
+    monkeypatch.setattr(optimize, "SETULB", None)  # scipy.optimize.minimize's path
     LBFGSB(quadratic(np.zeros(shape, np.float32)), np.zeros(shape, np.float32), lower, upper, max_iter=3).run()
     bounds = received["bounds"]
     assert bounds.lb.dtype == np.float64 and bounds.ub.dtype == np.float64
     np.testing.assert_array_equal(bounds.lb, lower.ravel().astype(np.float64))
     np.testing.assert_array_equal(bounds.ub, upper.ravel().astype(np.float64))
+
+
+def hard_problem(shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    """A coupled quadratic plus a quartic, its minimum partly outside the box: bounds active, many iterations."""
+    rng = np.random.default_rng(7)
+    size = int(np.prod(shape))
+    a = rng.standard_normal((size, size))
+    hess = a @ a.T / size + 1e-2 * np.eye(size)
+    center = rng.uniform(-15, 15, size)
+
+    def evaluate(x: np.ndarray) -> Evaluation:
+        v = x.ravel().astype(np.float64) - center
+        loss = float(v @ hess @ v) + float(np.sum(v**4)) / 100
+        grad = (2 * hess @ v + 4 * v**3 / 100).astype(np.float32).reshape(x.shape)
+        return Evaluation(loss, grad, loss, 0.0, 0.0, {})
+
+    return evaluate
+
+
+def run_both(monkeypatch: pytest.MonkeyPatch, make: Any, max_iter: int, stop_at: int | None = None,
+             memory: int = 8) -> list[tuple[list[np.ndarray], list[Step], optimize.Result]]:
+    """The same run on setulb driven here and through scipy.optimize.minimize: evaluated points, steps, result."""
+    if optimize.SETULB is None:
+        pytest.skip("this scipy's setulb differs from optimize.SETULB_SIGNATURE: only minimize() is used")
+    shape = (2, 4, 5)
+    lower, upper = box(shape, -10, 10)
+    lower[0, 0] = -np.inf  # every kind of bound scipy knows: none, lower only, upper only, both
+    upper[0, 1] = np.inf
+    lower[1, 2], upper[1, 2] = -np.inf, np.inf
+    out = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(optimize, "SETULB", None)
+        seen: list[np.ndarray] = []
+        evaluate = make(shape)
+
+        def spy(x: np.ndarray, evaluate: Any = evaluate, seen: list[np.ndarray] = seen) -> Evaluation:
+            seen.append(x.copy())
+            return evaluate(x)
+
+        steps: list[Step] = []
+
+        def on_step(step: Step, steps: list[Step] = steps) -> None:
+            steps.append(step)
+            if step.iteration == stop_at:
+                raise StopIteration
+
+        start = np.random.default_rng(2).uniform(-12, 12, shape).astype(np.float32)
+        result = LBFGSB(spy, start, lower, upper, max_iter=max_iter, memory=memory).run(on_step)
+        out.append((seen, steps, result))
+    return out
+
+
+@pytest.mark.parametrize("case", ["hard", "converges", "stopped"])
+def test_setulb_driven_here_matches_scipy_minimize(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    make = {"hard": hard_problem, "converges": lambda shape: quadratic(np.full(shape, 3, np.float32)),
+            "stopped": hard_problem}[case]
+    (seen_a, steps_a, a), (seen_b, steps_b, b) = run_both(monkeypatch, make, max_iter=25 if case != "converges"
+                                                          else 200, stop_at=6 if case == "stopped" else None,
+                                                          memory=5)
+    assert len(seen_a) == len(seen_b) and len(seen_a) > 3
+    for x, y in zip(seen_a, seen_b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert [s.iteration for s in steps_a] == [s.iteration for s in steps_b]
+    for s, t in zip(steps_a, steps_b, strict=True):
+        np.testing.assert_array_equal(s.image, t.image)
+        assert s.evaluations == t.evaluations and (s.evaluation is None) == (t.evaluation is None)
+    assert (a.iterations, a.evaluations, a.message, a.stop_reason, a.success, a.stopped_early) == \
+        (b.iterations, b.evaluations, b.message, b.stop_reason, b.success, b.stopped_early)
+    assert a.image is not None and b.image is not None
+    np.testing.assert_array_equal(a.image, b.image)
+    if case == "converges":
+        assert a.stopped_early and "CONVERGENCE" in a.message
+    if case == "hard":
+        assert a.iterations == 25 and a.message == "STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT"
+
+
+def test_setulb_gets_the_bounds_as_arrays_never_as_python_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scipy.optimize.minimize turns array bounds into a list of n Python pairs and back, which at print sizes costs
+    minutes and gigabytes; the run driven here hands setulb the arrays."""
+    if optimize.SETULB is None:
+        pytest.skip("this scipy's setulb differs from optimize.SETULB_SIGNATURE: only minimize() is used")
+    from scipy.optimize import _constraints
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("bounds converted element by element")
+
+    monkeypatch.setattr(_constraints, "new_bounds_to_old", refuse)
+    monkeypatch.setattr(_constraints, "old_bound_to_new", refuse)
+    setulb, status, tasks = optimize.SETULB
+    received: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def spy(m: int, x: np.ndarray, low: np.ndarray, high: np.ndarray, nbd: np.ndarray, *rest: Any) -> Any:
+        received.append((low, high, nbd))
+        return setulb(m, x, low, high, nbd, *rest)
+
+    monkeypatch.setattr(optimize, "SETULB", (spy, status, tasks))
+    rng = np.random.default_rng(3)
+    shape = (3, 4, 5)
+    lower = rng.uniform(-100, 0, shape).astype(np.float32)
+    upper = lower + rng.uniform(1, 50, shape).astype(np.float32)
+    center = (lower + 0.3 * (upper - lower) + rng.uniform(-20, 20, shape)).astype(np.float32)
+    result = LBFGSB(quadratic(center), upper.copy(), lower, upper, max_iter=3).run()
+    assert result.iterations == 3 and received
+    low, high, nbd = received[0]
+    assert low.dtype == np.float64 and high.dtype == np.float64 and nbd.dtype == np.int32
+    np.testing.assert_array_equal(low, lower.ravel().astype(np.float64))
+    np.testing.assert_array_equal(high, upper.ravel().astype(np.float64))
+    assert (nbd == 2).all()
+
+
+def test_the_signature_check_refuses_another_setulb(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scipy.optimize import _lbfgsb
+
+    class Other:
+        """setulb(m,x,l,u,nbd,f,g,factr,pgtol,wa,iwa,task,iprint,csave,lsave,isave,dsave,maxls)"""
+
+    monkeypatch.setattr(_lbfgsb, "setulb", Other())
+    assert optimize._setulb() is None
 
 
 def test_nan_loss_keeps_the_last_good_iterate() -> None:

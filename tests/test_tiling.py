@@ -208,8 +208,10 @@ def test_a_run_with_forced_tiles_gives_the_untiled_image(tmp_path: Any, monkeypa
     options = dict(length=45, num_iters=5, init="content", seed=1)
     untiled = st.stylize(content, [style], **options).run()
     assert untiled.report["tiling"] is None
-    # The run's own arrays do not count here, so a budget of a few tiles' worth forces tiling.
+    # The run's own arrays and the process's memory do not count here, so a budget of a few tiles' worth forces
+    # tiling.
     monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)
+    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)
     budget = tiling.evaluation_bytes(st.net, "avg", 24, 24) / tiling.GB
     job = st.stylize(content, [style], max_memory=budget, **options)
     tiled = job.run()
@@ -233,3 +235,93 @@ def test_max_memory_too_small_for_one_tile_is_one_line_naming_the_smallest_value
     message = r"^--max-memory 1e-06 is too small .* give --max-memory \S+ or more$"
     with pytest.raises(StyleTransferError, match=message):
         st.stylize(content, [style], length=45, num_iters=1, max_memory=1e-6).run()
+
+
+def test_style_targets_are_not_charged_the_optimisers_arrays(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The style image (--style-scale times larger) is evaluated between two scales' optimisations, so its tiles
+    share the budget with its own copies only, not with an optimiser's arrays at the style image's size: a cap that
+    fits the content's run fits the style targets too (it used to fail, as if the run needed arrays that large)."""
+    from style_transfer.transfer import StyleTransfer
+    from tests.conftest import tiny_images
+
+    proto, model = tinynets.write_net(tmp_path)
+    st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
+                       gpu=-1)
+    content, style, _ = tiny_images()  # 36 x 48, resized to 34 x 45
+    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)  # the process's own memory, counted in another test
+    blobs = ["conv1", "conv2", "conv3"]
+    kept = tiling.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
+    budget = tiling.run_bytes(st.net, 34, 45, 8, kept) + tiling.evaluation_bytes(st.net, "avg", 34, 45)
+    assert tiling.choose_tiles(st.net, "avg", 34, 45, blobs, budget, budget - tiling.evaluation_bytes(
+        st.net, "avg", 34, 45)) is None
+    assert tiling.run_bytes(st.net, 135, 135, 8) > budget  # the style image at --style-scale 3
+    result = st.stylize(content, [style], length=45, num_iters=2, style_scale=3.0,
+                        max_memory=budget / tiling.GB).run()
+    assert result.iterations == 2 and result.report["tiling"] is None
+
+
+def test_a_cap_counts_what_the_process_holds_already(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-memory is the process's memory: the weights and libraries it holds already (its resident memory) share
+    the cap with the run's arrays and the evaluations, so a cap the run alone would fit can still need tiles, and
+    the smallest workable cap named in the error includes them."""
+    from style_transfer.transfer import StyleTransfer
+    from tests.conftest import tiny_images
+
+    proto, model = tinynets.write_net(tmp_path)
+    st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
+                       gpu=-1)
+    content, style, _ = tiny_images()
+    kept = tiling.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
+    need = tiling.run_bytes(st.net, 34, 45, 8, kept) + tiling.evaluation_bytes(st.net, "avg", 34, 45)
+    held = 3 * need
+    monkeypatch.setattr(tiling, "resident_bytes", lambda: held)
+    options = dict(length=45, num_iters=1, style_scale=0.5)
+    assert st.stylize(content, [style], max_memory=(held + need) / tiling.GB, **options).costs()[0].tiles == 0
+    assert st.stylize(content, [style], max_memory=(held + 0.9 * need) / tiling.GB, **options).costs()[0].tiles > 0
+    with pytest.raises(StyleTransferError, match=r"give --max-memory (\S+) or more$") as error:
+        st.stylize(content, [style], max_memory=need / tiling.GB, **options).costs()
+    assert float(str(error.value).split("--max-memory ")[-1].split()[0]) * tiling.GB > held
+
+
+@pytest.mark.slow
+def test_real_vgg16_tiled_equals_untiled() -> None:
+    """The real VGG16 weights with the preset layers (conv1_1 ... conv5_1, conv4_2), Tübingen in the style of
+    Starry Night at a size where both fit and that is no multiple of the stride, tiles forced small: loss within
+    1e-5, gradient within 1e-4 (relative), the style Gram and content targets too."""
+    from style_transfer.caffe_model.loader import load_net
+    from tests.conftest import require_shared
+
+    weights = require_shared("models", "vgg16_hed.caffemodel")
+    content_rgb = images.load_image(require_shared("images", "content", "tubingen.jpg"))
+    style_rgb = images.load_image(require_shared("images", "style", "starry_night.jpg"))
+    info = MODELS["vgg16"]
+    style_layers, content_layers = list(info.style_layers), list(info.content_layers)
+    blobs = list(dict.fromkeys([*style_layers, *content_layers]))
+    net = load_net(info.prototxt, weights, blobs, "avg")
+    engine = make_engine("torch", net, "avg")
+    content = images.preprocess(images.resize_long_side(content_rgb, 301))  # 226 x 301
+    style = images.preprocess(images.resize_long_side(style_rgb, 361))
+    h, w = content.shape[1:]
+    rng = np.random.default_rng(0)
+    x = (content + rng.normal(0, 20, content.shape)).astype(np.float32)
+
+    style_plan = tiling.plan_tiles(net, "avg", *style.shape[1:], style_layers, (64, 64))
+    grams = {k: gram_numpy(v) for k, v in engine.features(style, style_layers).items()}
+    tiled_grams = tiling.tiled_grams(engine, style, style_layers, style_plan)
+    assert style_plan.count >= 6
+    for k in style_layers:
+        assert rel(tiled_grams[k], grams[k]) < LOSS_RTOL, k
+    plan = tiling.plan_tiles(net, "avg", h, w, blobs, (64, 64))
+    assert plan.count >= 6 and plan.tile_size[0] < h and plan.tile_size[1] < w
+    targets = engine.features(content, content_layers)
+    for k, v in tiling.tiled_features(engine, content, content_layers, plan).items():
+        assert rel(v, targets[k]) < LOSS_RTOL, k
+
+    objective = Objective(dict(info.content_layers), dict(info.style_layers), 1e4, targets,
+                          {k: grams[k][None] for k in style_layers}, np.ones(1))
+    want = engine.bind(objective)(x)
+    got = tiling.TiledEvaluator(engine, objective, plan)(x)
+    loss_rel, grad_rel = abs(got.loss - want.loss) / abs(want.loss), rel(got.grad, want.grad)
+    print(f"real VGG16, {w}x{h} in {plan.count} tiles: loss {loss_rel:.1e}, gradient {grad_rel:.1e} relative")
+    assert loss_rel <= LOSS_RTOL
+    assert grad_rel <= GRAD_RTOL

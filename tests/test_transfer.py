@@ -147,6 +147,7 @@ def test_bounds_handed_to_lbfgsb_are_the_pixel_range(transfer: StyleTransfer,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(optimize, "minimize", spy)
+    monkeypatch.setattr(optimize, "SETULB", None)  # through minimize(), where the bounds can be seen
     transfer.stylize(content, [a], length=32, num_iters=2).run()
     bounds = captured["bounds"]
     lower = np.asarray(bounds.lb).reshape(3, 24, 32)
