@@ -88,6 +88,16 @@ def reliability(backward: np.ndarray, forward: np.ndarray) -> np.ndarray:
     return (~(occlusions(backward, forward) | motion_boundaries(backward))).astype(np.float32)
 
 
+def warped_start(previous: np.ndarray, current: np.ndarray, backward: np.ndarray, forward: np.ndarray) -> np.ndarray:
+    """The next frame's starting image: the previous stylized frame warped by `backward`, except where the current
+    frame shows what the previous did not (occlusions, and picture entering at the borders), which start from the
+    current input frame itself. There the warp has nothing to carry (outside the frame it repeats the edge pixel,
+    which a short optimisation leaves as streaks), and the input is what a still's run starts from."""
+    warped = np.clip(warp(previous, backward), 0.0, 1.0)
+    new = occlusions(backward, forward)
+    return np.where(new[..., None], current, warped).astype(np.float32)
+
+
 def warping_error(current: np.ndarray, previous: np.ndarray, backward: np.ndarray, mask: np.ndarray) -> float:
     """Mean squared difference, on 0-255 values, between `current` and `previous` warped onto it, over the pixels
     the mask trusts (the temporal-consistency figure of the benchmarks)."""

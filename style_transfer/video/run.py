@@ -62,7 +62,8 @@ class VideoPlan:
         styles = hashlib.sha256(b"".join(np.ascontiguousarray(s).tobytes() for s in self.styles)).hexdigest()
         return {"input": str(self.input.resolve()), "input_size": stat.st_size, "input_mtime": stat.st_mtime,
                 "start": self.start, "size": list(self.size), "iters": self.iters,
-                "temporal_weight": self.temporal_weight, "warp_init": self.warp_init, "styles": styles,
+                "temporal_weight": self.temporal_weight, "warp_init": self.warp_init,
+                "warped_start": "new picture from the input" if self.warp_init else None, "styles": styles,
                 "options": json.loads(json.dumps(fingerprinted, default=str))}
 
     def frame_path(self, k: int) -> Path:
@@ -177,7 +178,7 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
             flow_stats = {"reliable": float(mask.mean()), "flow_seconds": time.perf_counter() - started}
             options["num_iters"] = plan.iters
             if plan.warp_init:
-                options["init"] = warped
+                options["init"] = flow.warped_start(previous, content, backward, forward)
             if plan.temporal_weight > 0:
                 temporal = TemporalTarget(warped, mask, plan.temporal_weight)
         job = transfer.stylize(content, plan.styles, temporal=temporal, **options)

@@ -95,6 +95,23 @@ def test_flow_of_a_known_shift_and_its_masks() -> None:
     assert flow.warping_error(b, a, backward, mask) < flow.warping_error(b, a, np.zeros_like(backward), mask) / 4
 
 
+def test_warped_start_takes_new_picture_from_the_input() -> None:
+    """Regression: the strips entering the frame started as the warp's repeated edge pixels, which a short
+    optimisation left as streaks (and new objects never appeared); they now start from the input frame."""
+    a, b = panned(2, dx=3, dy=2)
+    backward, forward = flow.flow(b, a), flow.flow(a, b)
+    previous = np.full(a.shape, 0.2, np.float32)  # a "stylized" previous frame that looks nothing like the input
+    previous[::2] = 0.7
+    current = b.astype(np.float32) / 255
+    start = flow.warped_start(previous, current, backward, forward)
+    assert start.dtype == np.float32 and start.shape == current.shape
+    new = flow.occlusions(backward, forward)
+    assert new[:, -3:].mean() > 0.9 and new[-2:, :].mean() > 0.9
+    np.testing.assert_array_equal(start[new], current[new])
+    warped = np.clip(flow.warp(previous, backward), 0, 1)
+    np.testing.assert_array_equal(start[~new], warped[~new])
+
+
 def test_occluded_object_and_motion_boundary() -> None:
     """A square moving right over a still photo: the background it uncovers is occluded in the previous frame,
     and the square's edges are motion boundaries."""

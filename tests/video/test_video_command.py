@@ -170,3 +170,24 @@ def test_bikes_clip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0, capsys.readouterr().err
     info = io.probe(out)
     assert info.frames == 4 and info.fps == 25 and max(info.width, info.height) == 96
+
+
+def test_picture_entering_the_frame_starts_from_the_input(tmp_path: Path, clip: Path, style: Path,
+                                                          tiny_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: each later frame started from the previous stylized frame warped, edge pixels repeated where
+    the pan brings new picture in (the right column here), so new objects never appeared; there the start is now
+    the input frame."""
+    starts: list[tuple[np.ndarray, np.ndarray]] = []
+    real = transfer.StyleTransfer.stylize
+
+    def spy(self: Any, content: np.ndarray, styles: Any, **kwargs: Any) -> Any:
+        if isinstance(kwargs.get("init"), np.ndarray):
+            starts.append((content, kwargs["init"]))
+        return real(self, content, styles, **kwargs)
+
+    monkeypatch.setattr(transfer.StyleTransfer, "stylize", spy)
+    assert main(_args(clip, style, tmp_path / "v.mp4", tiny_args, "--frames", "3")) == 0
+    assert len(starts) == 2
+    for content, start in starts:
+        np.testing.assert_array_equal(start[:, -1], content[:, -1])
+        assert np.abs(start - content).mean() > 0.02  # elsewhere it is the stylized frame, not the input
