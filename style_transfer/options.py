@@ -345,6 +345,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def arg_type(check: Check, label: str) -> Callable[[str], Any]:
+    """An argparse `type` for a command's own argument (not in the table) checked like the table's options."""
+    def parse(text: str) -> Any:
+        try:
+            return check(text, label)
+        except StyleTransferError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _argparse_type(option: Option) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:

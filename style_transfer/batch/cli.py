@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from style_transfer.batch.backends import TaskFunction
 from style_transfer.batch.manifest import REQUIRED_COLUMNS, absolute, read_manifest
 from style_transfer.batch.worker import run_task
 from style_transfer.errors import StyleTransferError
-from style_transfer.options import OPTIONS, HelpFormatter, Option, Parser, add_arguments, defaults, whole
+from style_transfer.options import OPTIONS, HelpFormatter, Option, Parser, add_arguments, arg_type, defaults, whole
 
 # Every option of a job: the manifest's columns, and -v and --download-missing, which apply to the whole batch.
 JOB_OPTIONS = tuple(o.name for o in OPTIONS if o.scope != "cli")
@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     for option in REFUSED:
         p.add_argument(*option.flags, dest=option.name, nargs=option.nargs, default=None, help=argparse.SUPPRESS)
     group = p.add_argument_group("batch options")
-    group.add_argument("--workers", type=_positive("--workers"), default=None,
+    group.add_argument("--workers", type=arg_type(whole(), "--workers"), default=None,
                        help="local worker processes (default 1)")
-    group.add_argument("--threads", type=_positive("--threads"), default=None,
+    group.add_argument("--threads", type=arg_type(whole(), "--threads"), default=None,
                        help="torch threads per worker (default: cores / workers; on Dask: the worker host's "
                             "cores / its worker processes)")
     group.add_argument("--dask-scheduler", metavar="ADDRESS", default=None,
@@ -48,16 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the JSON summary goes (default: MANIFEST's name with .summary.json)")
     group.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     return p
-
-
-def _positive(flag: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            return int(whole()(text, flag))
-        except StyleTransferError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
 
 
 def job_defaults(args: argparse.Namespace) -> dict[str, Any]:

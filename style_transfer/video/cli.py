@@ -16,7 +16,7 @@ from typing import Any
 from style_transfer import images
 from style_transfer.errors import StyleTransferError
 from style_transfer.openmp import prefer_short_spin
-from style_transfer.options import HelpFormatter, Parser, add_arguments, defaults, number, values_for, whole
+from style_transfer.options import HelpFormatter, Parser, add_arguments, arg_type, defaults, number, values_for, whole
 from style_transfer.util import guarded, write_json
 
 # Options of the still-image command that a clip uses as they are. Left out: -c (the input is the clip), -o (a
@@ -34,16 +34,6 @@ LATER_ITERS = 40
 TEMPORAL_WEIGHT = 0.1
 
 
-def _checked(check: Any, label: str) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            return check(text, label)
-        except StyleTransferError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="style.py video", formatter_class=HelpFormatter,
                description="Stylize a video clip with temporal consistency (Ruder, Dosovitskiy & Brox 2016): each "
@@ -55,15 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                    ".gif/.webp for short clips")
     add_arguments(p, VIDEO_OPTIONS, defaults_from={**defaults(), **VIDEO_DEFAULTS},
                   helps={"num_iters": "L-BFGS-B iterations of the first frame"})
-    p.add_argument("--iters", type=_checked(whole(), "--iters"), default=LATER_ITERS,
+    p.add_argument("--iters", type=arg_type(whole(), "--iters"), default=LATER_ITERS,
                    help="L-BFGS-B iterations of every frame after the first")
-    p.add_argument("--temporal-weight", type=_checked(number(), "--temporal-weight"), default=TEMPORAL_WEIGHT,
+    p.add_argument("--temporal-weight", type=arg_type(number(), "--temporal-weight"), default=TEMPORAL_WEIGHT,
                    help="weight of the temporal term (sum of squared differences from the warped previous frame, "
                         "0-255 scale, beside the content term's weight 1); 0 turns it off")
     p.add_argument("--independent", action="store_true",
                    help="stylize every frame on its own, as the first (no warped start, no temporal term)")
-    p.add_argument("--start", type=_checked(whole(0), "--start"), default=0, help="first frame (0-based)")
-    p.add_argument("--frames", type=_checked(whole(), "--frames"), default=None,
+    p.add_argument("--start", type=arg_type(whole(0), "--start"), default=0, help="first frame (0-based)")
+    p.add_argument("--frames", type=arg_type(whole(), "--frames"), default=None,
                    help="number of frames (default: to the end)")
     p.add_argument("--work-dir", default=None,
                    help="folder for the stylized frames and their reports (default: OUTPUT's name + .work beside "
