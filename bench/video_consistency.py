@@ -92,7 +92,7 @@ def main() -> None:
         argv = ["video", a.video, "-s", a.style, "-o", str(target), "--weights", a.weights, "-g", "-1",
                 "-l", str(a.length), "-n", str(a.iters), "--iters", str(a.iters), "--start", str(a.start),
                 "--frames", str(a.frames), "--seed", "0", "--report", str(report), *extra]
-        if a.temporal_weight is not None and mode != "frame-by-frame":
+        if a.temporal_weight is not None and mode == "temporal":
             argv += ["--temporal-weight", a.temporal_weight]
         if style_main(argv) != 0:
             raise SystemExit(f"{mode} failed")
