@@ -100,7 +100,9 @@ def main() -> None:
         frames = [np.asarray(Image.open(work / f"frame-{a.start + k:06d}.png").convert("RGB"))
                   for k in range(a.frames)]
         summary = json.loads(report.read_text())
+        content_losses = [f["content_loss"] for f in summary["per_frame"] if f["content_loss"] is not None]
         results[mode] = {"warping_error": clip_error(frames, inputs), "mean_style_loss": summary["mean_style_loss"],
+                         "mean_content_loss": float(np.mean(content_losses)) if content_losses else float("nan"),
                          "seconds_per_frame_after_first": summary["seconds_per_frame_after_first"]}
         strips.append(np.concatenate(frames[:5], axis=1))
         print(mode, results[mode], flush=True)
