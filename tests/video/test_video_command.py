@@ -172,8 +172,8 @@ def test_bikes_clip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert info.frames == 4 and info.fps == 25 and max(info.width, info.height) == 96
 
 
-def test_picture_entering_the_frame_starts_from_the_input(tmp_path: Path, clip: Path, style: Path,
-                                                          tiny_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_picture_entering_the_frame_starts_from_the_input(
+        tmp_path: Path, clip: Path, style: Path, tiny_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression: each later frame started from the previous stylized frame warped, edge pixels repeated where
     the pan brings new picture in (the right column here), so new objects never appeared; there the start is now
     the input frame."""
