@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from style_transfer import plan as plan_module
 from style_transfer import tiling
@@ -20,14 +18,7 @@ from style_transfer.transfer import StyleTransfer
 from tests import tinynets
 from tests.conftest import tiny_images
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tiles on shared cores: one torch thread is faster than several waiting for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------- --scales auto

@@ -9,7 +9,6 @@ so that a small image holds many tiles beyond the halo and the file stays fast.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -39,13 +38,7 @@ CASES: dict[str, tuple[list[str], list[str], int, int, int]] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small inputs on shared cores: one torch thread is faster than several waiting for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_net(name: str, blobs: list[str]) -> Net:
