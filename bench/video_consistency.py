@@ -34,7 +34,7 @@ def clip_error(frames: list[np.ndarray], inputs: list[np.ndarray]) -> float:
     errors = []
     for i in range(1, len(frames)):
         backward, forward = flow.flow(inputs[i], inputs[i - 1]), flow.flow(inputs[i - 1], inputs[i])
-        mask = flow.reliability(backward, forward)
+        mask = flow.reliability(backward, flow.occlusions(backward, forward))
         errors.append(flow.warping_error(frames[i], frames[i - 1], backward, mask))
     return float(np.mean(errors))
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from style_transfer.colors import match_colors
+
 # Ruder et al.'s thresholds for |w + w~|^2 > a (|w|^2 + |w~|^2) + b and |grad w~|^2 > c |w~|^2 + d.
 OCCLUSION_RELATIVE = 0.01
 OCCLUSION_ABSOLUTE = 0.5
@@ -82,20 +84,27 @@ def motion_boundaries(backward: np.ndarray) -> np.ndarray:
     return steep > BOUNDARY_RELATIVE * np.sum(backward**2, axis=2) + BOUNDARY_ABSOLUTE
 
 
-def reliability(backward: np.ndarray, forward: np.ndarray) -> np.ndarray:
+def reliability(backward: np.ndarray, occluded: np.ndarray) -> np.ndarray:
     """Ruder et al.'s weights c: 1 where the previous frame, warped by `backward`, may be trusted, 0 at occlusions
-    and motion boundaries; H x W float32."""
-    return (~(occlusions(backward, forward) | motion_boundaries(backward))).astype(np.float32)
+    (`occlusions(backward, forward)`, computed once per frame by the caller) and motion boundaries; H x W float32."""
+    return (~(occluded | motion_boundaries(backward))).astype(np.float32)
 
 
-def warped_start(previous: np.ndarray, current: np.ndarray, backward: np.ndarray, forward: np.ndarray) -> np.ndarray:
-    """The next frame's starting image: the previous stylized frame warped by `backward`, except where the current
-    frame shows what the previous did not (occlusions, and picture entering at the borders), which start from the
-    current input frame itself. There the warp has nothing to carry (outside the frame it repeats the edge pixel,
-    which a short optimisation leaves as streaks), and the input is what a still's run starts from."""
-    warped = np.clip(warp(previous, backward), 0.0, 1.0)
-    new = occlusions(backward, forward)
-    return np.where(new[..., None], current, warped).astype(np.float32)
+def warped_start(warped: np.ndarray, current: np.ndarray, occluded: np.ndarray) -> np.ndarray:
+    """The next frame's starting image: the previous stylized frame warped onto this one (`warped`, 0..1), except
+    where this frame shows what the previous did not (`occluded`: occlusions, and picture entering at the borders).
+
+    There the warp has nothing to carry (outside the frame it repeats the edge pixel, which a short optimisation
+    leaves as streaks), so that picture starts from the input frame, recoloured (colors.match_colors, "meancov") to
+    the colour statistics of the stylized picture around it: from the photograph's own colours it would stay a pale
+    band for several frames, since the temporal term does not act there and later frames get few iterations."""
+    if not occluded.any():
+        return warped.astype(np.float32)
+    trusted = warped[~occluded]
+    if len(trusted) < 2:  # nothing carries over (a cut): the frame starts as a still's run would
+        return current.astype(np.float32)
+    recoloured = match_colors(current, trusted.reshape(-1, 1, 3), "meancov")
+    return np.where(occluded[..., None], recoloured, warped).astype(np.float32)
 
 
 def warping_error(current: np.ndarray, previous: np.ndarray, backward: np.ndarray, mask: np.ndarray) -> float:

@@ -63,7 +63,7 @@ class VideoPlan:
         return {"input": str(self.input.resolve()), "input_size": stat.st_size, "input_mtime": stat.st_mtime,
                 "start": self.start, "size": list(self.size), "iters": self.iters,
                 "temporal_weight": self.temporal_weight, "warp_init": self.warp_init,
-                "warped_start": "new picture from the input" if self.warp_init else None, "styles": styles,
+                "warped_start": "new picture from the input, recoloured" if self.warp_init else None, "styles": styles,
                 "options": json.loads(json.dumps(fingerprinted, default=str))}
 
     def frame_path(self, k: int) -> Path:
@@ -173,12 +173,13 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
         if k > 0 and previous is not None and previous_input is not None:
             backward = flow.flow(content, previous_input)
             forward = flow.flow(previous_input, content)
-            mask = flow.reliability(backward, forward)
+            occluded = flow.occlusions(backward, forward)
+            mask = flow.reliability(backward, occluded)
             warped = np.clip(flow.warp(previous, backward), 0.0, 1.0)
             flow_stats = {"reliable": float(mask.mean()), "flow_seconds": time.perf_counter() - started}
             options["num_iters"] = plan.iters
             if plan.warp_init:
-                options["init"] = flow.warped_start(previous, content, backward, forward)
+                options["init"] = flow.warped_start(warped, content, occluded)
             if plan.temporal_weight > 0:
                 temporal = TemporalTarget(warped, mask, plan.temporal_weight)
         job = transfer.stylize(content, plan.styles, temporal=temporal, **options)

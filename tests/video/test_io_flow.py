@@ -85,7 +85,7 @@ def test_flow_of_a_known_shift_and_its_masks() -> None:
     error = np.sqrt(np.sum((backward[inner] - [3, 2]) ** 2, axis=2))
     assert error.mean() < 0.25
     assert np.sqrt(np.sum((forward[inner] + [3, 2]) ** 2, axis=2)).mean() < 0.25
-    mask = flow.reliability(backward, forward)
+    mask = flow.reliability(backward, flow.occlusions(backward, forward))
     # The strips that come into view (right 3 columns, bottom 2 rows) are not in the previous frame.
     assert mask[:, -3:].mean() < 0.1 and mask[-2:, :].mean() < 0.1
     assert mask[inner].mean() > 0.95
@@ -95,21 +95,47 @@ def test_flow_of_a_known_shift_and_its_masks() -> None:
     assert flow.warping_error(b, a, backward, mask) < flow.warping_error(b, a, np.zeros_like(backward), mask) / 4
 
 
-def test_warped_start_takes_new_picture_from_the_input() -> None:
-    """Regression: the strips entering the frame started as the warp's repeated edge pixels, which a short
-    optimisation left as streaks (and new objects never appeared); they now start from the input frame."""
+def _affine_fit(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float]:
+    """The least-squares affine colour map source -> target (N x 3 each) and its largest residual."""
+    design = np.hstack([source, np.ones((len(source), 1))]).astype(np.float64)
+    coefficients = np.linalg.lstsq(design, target.astype(np.float64), rcond=None)[0]
+    return coefficients, float(np.abs(design @ coefficients - target).max())
+
+
+def test_warped_start_takes_new_picture_from_the_input_in_the_stylized_colours() -> None:
+    """Regressions: the strips entering the frame started as the warp's repeated edge pixels, which a short
+    optimisation left as streaks (and new objects never appeared); then as the input photo itself, whose colours
+    stayed a pale band beside the stylized picture for several frames. They now start from the input frame under
+    one colour map that gives it the trusted stylized picture's mean and covariance."""
     a, b = panned(2, dx=3, dy=2)
     backward, forward = flow.flow(b, a), flow.flow(a, b)
-    previous = np.full(a.shape, 0.2, np.float32)  # a "stylized" previous frame that looks nothing like the input
-    previous[::2] = 0.7
+    rng = np.random.default_rng(0)
+    # A "stylized" previous frame: the input's structure in other colours, plus texture.
+    mix = np.array([[0.2, 0.5, 0.1], [0.1, 0.1, 0.6], [0.5, 0.2, 0.1]])
+    previous = np.clip(a.astype(np.float32) / 255 @ mix.T.astype(np.float32) + 0.15
+                       + rng.normal(0, 0.02, a.shape).astype(np.float32), 0, 1)
     current = b.astype(np.float32) / 255
-    start = flow.warped_start(previous, current, backward, forward)
-    assert start.dtype == np.float32 and start.shape == current.shape
-    new = flow.occlusions(backward, forward)
-    assert new[:, -3:].mean() > 0.9 and new[-2:, :].mean() > 0.9
-    np.testing.assert_array_equal(start[new], current[new])
+    occluded = flow.occlusions(backward, forward)
+    assert occluded[:, -3:].mean() > 0.9 and occluded[-2:, :].mean() > 0.9
     warped = np.clip(flow.warp(previous, backward), 0, 1)
-    np.testing.assert_array_equal(start[~new], warped[~new])
+    start = flow.warped_start(warped, current, occluded)
+    assert start.dtype == np.float32 and start.shape == current.shape
+    np.testing.assert_array_equal(start[~occluded], warped[~occluded])
+    # The new strips are the input under one affine colour map (the picture, not streaks)...
+    new, source = start[occluded], current[occluded]
+    unclipped = ((new > 0) & (new < 1)).all(axis=1)
+    coefficients, residual = _affine_fit(source[unclipped], new[unclipped])
+    assert residual < 1e-4
+    assert np.abs(new - source).mean() > 0.05  # ... that is not the identity
+    # ... and that gives the whole input the colours of the trusted stylized picture, not the photo's.
+    pixels = current.reshape(-1, 3)
+    mapped = np.hstack([pixels, np.ones((len(pixels), 1))]) @ coefficients
+    trusted = warped[~occluded]
+    assert np.abs(mapped.mean(0) - trusted.mean(0)).max() < 0.01 < 0.05 < np.abs(pixels.mean(0) - trusted.mean(0)).max()
+    np.testing.assert_allclose(np.cov(mapped, rowvar=False), np.cov(trusted, rowvar=False), atol=2e-3)
+    # A frame with nothing in common with the last (a cut) starts from the input as it is.
+    np.testing.assert_array_equal(flow.warped_start(warped, current, np.ones_like(occluded)), current)
+    np.testing.assert_array_equal(flow.warped_start(warped, current, np.zeros_like(occluded)), warped)
 
 
 def test_occluded_object_and_motion_boundary() -> None:
@@ -124,7 +150,7 @@ def test_occluded_object_and_motion_boundary() -> None:
         frame[24:40, x:x + 16, 0] = np.arange(16, dtype=np.uint8)[None, :] * 15  # texture for the flow to follow
         frames.append(frame)
     backward, forward = flow.flow(frames[1], frames[0]), flow.flow(frames[0], frames[1])
-    unreliable = flow.reliability(backward, forward) < 0.5
+    unreliable = flow.reliability(backward, flow.occlusions(backward, forward)) < 0.5
     # The uncovered strip, columns 20..25 of rows 24..39: mostly flagged; the far background: mostly trusted.
     assert unreliable[26:38, 21:25].mean() > 0.6
     assert unreliable[:12, :].mean() < 0.1 and unreliable[52:, :].mean() < 0.1
