@@ -88,8 +88,10 @@ class TilePlan:
         return [(r.end - r.start, c.end - c.start) for r in self.rows for c in self.cols]
 
     def summary(self) -> dict[str, Any]:
-        """What the report and `-v` say about the tiling."""
-        return {"tiles": self.count, "tile": list(self.tile_size), "halo": self.halo}
+        """What the report and `-v` say about the tiling; `seams` are where the tiles' cores meet (image rows and
+        columns), where a user would look for a seam."""
+        return {"tiles": self.count, "tile": list(self.tile_size), "halo": self.halo,
+                "seams": {"rows": [s.core_start for s in self.rows[1:]], "cols": [s.core_start for s in self.cols[1:]]}}
 
     def interior(self, tile: Tile, blob: str) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
         """The tile's interior positions of `blob`: (rows, cols) in the tile's blob, and the same in the whole

@@ -209,6 +209,10 @@ def test_a_run_with_forced_tiles_gives_the_untiled_image(tmp_path: Any, monkeypa
     job = st.stylize(content, [style], max_memory=budget, **options)
     tiled = job.run()
     assert tiled.report["tiling"]["tiles"] >= 4
+    seams = tiled.report["tiling"]["seams"]
+    assert (len(seams["rows"]) + 1) * (len(seams["cols"]) + 1) == tiled.report["tiling"]["tiles"]
+    assert all(0 < x < limit for xs, limit in ((seams["rows"], tiled.rgb.shape[0]), (seams["cols"], tiled.rgb.shape[1]))
+               for x in xs)
     assert tiled.report["scales"][0]["tiling"] == tiled.report["tiling"]
     assert any("tiles of up to" in n for n in job.notices)
     assert tiled.evaluation is not None and untiled.evaluation is not None
