@@ -63,7 +63,8 @@ class VideoPlan:
         return {"input": str(self.input.resolve()), "input_size": stat.st_size, "input_mtime": stat.st_mtime,
                 "start": self.start, "size": list(self.size), "iters": self.iters,
                 "temporal_weight": self.temporal_weight, "warp_init": self.warp_init,
-                "warped_start": "new picture from the input, recoloured" if self.warp_init else None, "styles": styles,
+                "warped_start": "new picture from the input, recoloured" if self.warp_init else None,
+                "new_shot_below": flow.NEW_SHOT_BELOW, "styles": styles,
                 "options": json.loads(json.dumps(fingerprinted, default=str))}
 
     def frame_path(self, k: int) -> Path:
@@ -175,13 +176,16 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
             forward = flow.flow(previous_input, content)
             occluded = flow.occlusions(backward, forward)
             mask = flow.reliability(backward, occluded)
-            warped = np.clip(flow.warp(previous, backward), 0.0, 1.0)
-            flow_stats = {"reliable": float(mask.mean()), "flow_seconds": time.perf_counter() - started}
-            options["num_iters"] = plan.iters
-            if plan.warp_init:
-                options["init"] = flow.warped_start(warped, content, occluded)
-            if plan.temporal_weight > 0:
-                temporal = TemporalTarget(warped, mask, plan.temporal_weight)
+            new_shot = float(mask.mean()) < flow.NEW_SHOT_BELOW
+            flow_stats = {"reliable": float(mask.mean()), "new_shot": new_shot,
+                          "flow_seconds": time.perf_counter() - started}
+            if not new_shot:  # a new shot is stylized as the first frame is
+                warped = np.clip(flow.warp(previous, backward), 0.0, 1.0)
+                options["num_iters"] = plan.iters
+                if plan.warp_init:
+                    options["init"] = flow.warped_start(warped, content, occluded)
+                if plan.temporal_weight > 0:
+                    temporal = TemporalTarget(warped, mask, plan.temporal_weight)
         job = transfer.stylize(content, plan.styles, temporal=temporal, **options)
         outcome = job.run(on_step)
         if outcome.interrupted:

@@ -172,6 +172,33 @@ def test_bikes_clip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert info.frames == 4 and info.fps == 25 and max(info.width, info.height) == 96
 
 
+def test_a_cut_starts_a_new_shot_as_the_first_frame(tmp_path: Path, style: Path, tiny_args: list[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: across a cut a few chance flow matches are still "reliable", so the first frame of the new shot
+    started from, and was held to, bits of the last shot's stylized picture (bikes.mp4, frame 30). A frame with
+    little reliable flow now starts a new shot: the first frame's iterations and start, no temporal term."""
+    first = panned(6)
+    frames = first[:3] + [np.ascontiguousarray(255 - f[::-1, ::-1]) for f in first[3:]]
+    clip = write_clip(tmp_path / "cut.mp4", frames, fps=12)
+    calls: list[tuple[Any, Any]] = []
+    real = transfer.StyleTransfer.stylize
+
+    def spy(self: Any, content: np.ndarray, styles: Any, **kwargs: Any) -> Any:
+        calls.append((kwargs.get("init"), kwargs.get("temporal")))
+        return real(self, content, styles, **kwargs)
+
+    monkeypatch.setattr(transfer.StyleTransfer, "stylize", spy)
+    assert main(_args(clip, style, tmp_path / "v.mp4", tiny_args)) == 0
+    work = tmp_path / "v.mp4.work"
+    reports = [json.loads((work / f"frame-{i:06d}.json").read_text()) for i in range(6)]
+    assert [r["iterations"] for r in reports] == [6, 3, 3, 6, 3, 3]
+    assert [r.get("new_shot", False) for r in reports] == [False, False, False, True, False, False]
+    assert reports[3]["reliable"] < 0.5 < min(r["reliable"] for i, r in enumerate(reports) if i not in (0, 3))
+    starts_from_warp = [isinstance(init, np.ndarray) for init, _ in calls]
+    assert starts_from_warp == [False, True, True, False, True, True]
+    assert [temporal is not None for _, temporal in calls] == [False, True, True, False, True, True]
+
+
 def test_picture_entering_the_frame_starts_from_the_input(
         tmp_path: Path, clip: Path, style: Path, tiny_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression: each later frame started from the previous stylized frame warped, edge pixels repeated where
