@@ -19,6 +19,9 @@ windows would read the tile's artificial padding are never interior.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -214,6 +217,14 @@ def resident_bytes() -> int:
             return int(f.read().split()[1]) * int(os.sysconf("SC_PAGE_SIZE"))
     except (OSError, ValueError, IndexError, AttributeError):
         return 0
+
+
+def release_free_memory() -> None:
+    """Hand the memory that Python and torch have freed back to the system (glibc's malloc_trim), so that the
+    resident size and MemAvailable say what the next scale can have; a no-op where glibc is absent."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def available_bytes(device: str) -> int:

@@ -84,6 +84,7 @@ class Stylization:
     _clock: Clock | None = field(default=None, repr=False)
     _on_progress: Callable[[Progress], None] | None = field(default=None, repr=False)
     _cost_model: CostModel | None = field(default=None, repr=False)
+    _held: int | None = field(default=None, repr=False)  # the process's resident bytes before the run's own arrays
 
     @property
     def iterations(self) -> int:
@@ -103,6 +104,7 @@ class Stylization:
 
         Ctrl-C, a StopIteration from `on_step` and a non-finite loss end the run with the last good iterate instead
         of an exception, so that a caller always has an image to save."""
+        from style_transfer import tiling
         from style_transfer.optimize import LBFGSB
 
         started = time.perf_counter()
@@ -118,6 +120,7 @@ class Stylization:
             content = images.resize_long_side(self.content, length)
             h, w = content.shape[:2]
             evaluate = None  # the last scale's targets go before this scale's are made
+            tiling.release_free_memory()
             evaluate = self._evaluator(content, length)
             if x is None:
                 start = initial_image(self.options["init"], content, self.styles, self.blend, self.seed)
@@ -169,8 +172,12 @@ class Stylization:
         budget = available if cap is None else min(available, int(cap * tiling.GB))
         if cap is not None and cap * tiling.GB <= available:
             what = f"--max-memory {cap:g}"
-            if st.engine.device == "cpu":  # the cap is the process's: what it holds already counts
-                fixed += tiling.resident_bytes()
+            if st.engine.device == "cpu":  # the cap is the process's: what it held before the run counts
+                # Measured once: later the resident size also holds what earlier scales freed, which the process
+                # reuses; counting it again refused the last scale of a 4096-px print after 20 minutes of work.
+                if self._held is None:
+                    self._held = tiling.resident_bytes()
+                fixed += self._held
         else:  # what is available is beside what the process holds already
             what = f"the memory available ({available / tiling.GB:.1f} GB)"
         pooling = None if st.engine.pooling == "file" else st.engine.pooling

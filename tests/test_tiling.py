@@ -280,6 +280,38 @@ def test_a_cap_counts_what_the_process_holds_already(tmp_path: Any, monkeypatch:
     assert float(str(error.value).split("--max-memory ")[-1].split()[0]) * tiling.GB > held
 
 
+def test_later_scales_count_what_the_process_held_before_the_run(tmp_path: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: each scale counted the process's resident size at its start, which by then also holds what the
+    earlier scales freed (and the process reuses), so the last scale of a 4096-px print under --max-memory 12 was
+    refused after 20 minutes of work although the plan made at the start had fitted it. The run now counts what the
+    process held before it, for every scale."""
+    from style_transfer.transfer import StyleTransfer
+    from tests.conftest import tiny_images
+
+    proto, model = tinynets.write_net(tmp_path)
+    st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
+                       gpu=-1)
+    content, style, _ = tiny_images()
+    kept = tiling.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
+    need = tiling.run_bytes(st.net, 34, 45, 8, kept) + tiling.evaluation_bytes(st.net, "avg", 34, 45)
+    held = need
+    readings: list[int] = []
+
+    def resident() -> int:  # grows by a whole cap's worth every time it is read after the first
+        readings.append(held + len(readings) * 4 * need)
+        return readings[-1]
+
+    monkeypatch.setattr(tiling, "resident_bytes", resident)
+    job = st.stylize(content, [style], length=45, min_length=32, scales=2, num_iters=4,
+                     max_memory=(held + 2 * need) / tiling.GB)
+    planned = [cost.tiles for cost in job.costs()]
+    result = job.run()
+    assert result.iterations == 4 and len(readings) == 1
+    made = [scale["tiling"]["tiles"] if scale["tiling"] else 0 for scale in result.report["scales"]]
+    assert made == planned
+
+
 @pytest.mark.slow
 def test_real_vgg16_tiled_equals_untiled() -> None:
     """The real VGG16 weights with the preset layers (conv1_1 ... conv5_1, conv4_2), Tübingen in the style of
