@@ -129,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
             _say("interrupted before the first iteration; nothing saved")
             return 130
         raise StyleTransferError(result.error or "the optimisation stopped before its first iteration")
+    if result.stop_reason == "scale_failed":  # smaller than asked: kept beside the output, not under its name
+        height, width = result.rgb.shape[:2]
+        kept = output.with_name(f"{output.stem}-{width}x{height}{output.suffix}")
+        images.save_image(kept, result.rgb)
+        _say(f"error: {result.error}; saved the last finished scale ({width}x{height}) to {kept}")
+        return 1
     images.save_image(output, result.rgb)
     if animation is not None:
         _save_animation(animation, [*frames, result.rgb])

@@ -45,7 +45,7 @@ class RunResult:
     x: np.ndarray  # 3 x H x W preprocessed (BGR, mean subtracted)
     evaluation: Evaluation | None  # the objective at `x`; None only if a second Ctrl-C cut its evaluation
     iterations: int
-    stop_reason: str  # scipy's message, "interrupted", "stopped" or "nonfinite"
+    stop_reason: str  # scipy's message, "interrupted", "stopped", "nonfinite" or "scale_failed"
     error: str | None
     stopped_early: bool
     report: dict[str, Any]
@@ -53,6 +53,12 @@ class RunResult:
     @property
     def interrupted(self) -> bool:
         return self.stop_reason == "interrupted"
+
+    @property
+    def failed(self) -> bool:
+        """The run ended on an error (`error`): a non-finite loss (the image is the last good iterate), or a scale
+        that could not start (the image is the last finished scale's, smaller than asked)."""
+        return self.stop_reason in ("nonfinite", "scale_failed")
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,14 @@ class Stylization:
             h, w = content.shape[:2]
             evaluate = None  # the last scale's targets go before this scale's are made
             tiling.release_free_memory()
-            evaluate = self._evaluator(content, length)
+            try:
+                evaluate = self._evaluator(content, length)
+            except StyleTransferError as exc:
+                if x is None:
+                    raise
+                # The earlier scales' work is kept: the memory can change while a run goes on (other processes).
+                stop_reason, error = "scale_failed", f"scale {index + 1} of {len(self.plan)} ({w}x{h}): {exc}"
+                break
             if x is None:
                 start = initial_image(self.options["init"], content, self.styles, self.blend, self.seed)
             else:
@@ -148,14 +161,14 @@ class Stylization:
             stopped_early = stopped_early or result.stopped_early
             if stop_reason in ("interrupted", "stopped", "nonfinite"):
                 break
-        assert x is not None and evaluate is not None
-        if evaluation is None:
+        assert x is not None
+        if evaluation is None and evaluate is not None:
             try:
                 evaluation = evaluate(x)
             except KeyboardInterrupt:
                 stop_reason = "interrupted"  # a second Ctrl-C: the image is kept, its scores are not
         seconds = time.perf_counter() - started
-        if stopped_early and stop_reason not in ("interrupted", "stopped", "nonfinite"):
+        if stopped_early and stop_reason not in ("interrupted", "stopped", "nonfinite", "scale_failed"):
             self.notices.append(f"L-BFGS-B stopped after {done} of {self.iterations} iterations: {stop_reason}")
         report = self._report(x, evaluation, done, seconds, stop_reason)
         return RunResult(rgb=self.to_rgb(x), x=x, evaluation=evaluation, iterations=done, stop_reason=stop_reason,

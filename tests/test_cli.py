@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from style_transfer import images
 from style_transfer.cli import main
 from tests import tinynets
 
@@ -276,6 +278,7 @@ _SLOW_CHILD = """
 import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
+from typing import Any
 from style_transfer import transfer
 from style_transfer.cli import main
 marker = Path(sys.argv[1])
@@ -375,6 +378,38 @@ def test_scales_auto_and_verbose_show_the_plan_and_the_time(tmp_path: Path, pair
     data = json.loads(report.read_text())
     assert [(s["length"], s["iterations"]) for s in data["scales"]] == [(32, 10), (64, 2)]
     assert data["scales"][1]["tiling"]["tiles"] >= 2 and data["options"]["scales"] == "auto"
+
+
+def test_a_scale_that_cannot_start_keeps_the_earlier_scales_work(
+        tmp_path: Path, pair: tuple[Path, Path], tiny: list[str], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a later scale that could not start (its memory no longer there) ended the run with an error and
+    nothing saved, after all the earlier scales' work. Now the last finished scale is saved beside the output, never
+    under its name, and the error says where."""
+    from style_transfer import tiling
+    from style_transfer.errors import StyleTransferError
+
+    style, content = pair
+    real = tiling.choose_tiles
+    started: list[int] = []
+
+    def choose(net: Any, pooling: Any, height: int, width: int, *args: Any, **kwargs: Any) -> Any:
+        if width == 64 and len(started) > 0:  # the plan at the start fits; when scale 2 starts, memory is gone
+            raise StyleTransferError("--max-memory 1 is too small for a 64x48 image with this net")
+        return real(net, pooling, height, width, *args, **kwargs)
+
+    monkeypatch.setattr(tiling, "choose_tiles", choose)
+    monkeypatch.setattr(tiling, "release_free_memory", lambda: started.append(1))
+    output = tmp_path / "o.png"
+    code = main(["-s", str(style), "-c", str(content), *tiny, "-l", "64", "--min-length", "32", "-n", "6",
+                 "--scales", "2", "--max-memory", "1", "-o", str(output)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert not output.exists()
+    kept = tmp_path / "o-32x24.png"
+    assert images.load_image(kept).shape == (24, 32, 3)
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "scale 2 of 2 (64x48)" in lines[0] and str(kept) in lines[0]
 
 
 def test_a_big_single_scale_run_suggests_auto(tmp_path: Path, pair: tuple[Path, Path], tiny: list[str],

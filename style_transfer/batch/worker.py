@@ -113,7 +113,7 @@ def _stylize(task: Task, report: dict[str, Any]) -> Outcome:
     run = model.stylize(content, styles, **run_options)
     result = run.run()
     report.update({**result.report, "threads": torch.get_num_threads(), "notices": [*notices, *run.notices]})
-    if result.stop_reason == "nonfinite":
+    if result.failed:
         return Outcome("failed", one_line(result.error or "the loss became non-finite"))
     if result.interrupted:
         return Outcome("interrupted", "interrupted while running")

@@ -191,7 +191,7 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
         if outcome.interrupted:
             result.interrupted = True
             return result
-        if outcome.stop_reason == "nonfinite":
+        if outcome.failed:
             result.error = f"frame {plan.start + k}: {outcome.error}"
             return result
         rgb = _quantised(outcome.rgb)
