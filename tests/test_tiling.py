@@ -257,10 +257,9 @@ def test_style_targets_are_not_charged_the_optimisers_arrays(tmp_path: Any, monk
     assert result.iterations == 2 and result.report["tiling"] is None
 
 
-def test_a_cap_counts_what_the_process_holds_already(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--max-memory is the process's memory: the weights and libraries it holds already (its resident memory) share
-    the cap with the run's arrays and the evaluations, so a cap the run alone would fit can still need tiles, and
-    the smallest workable cap named in the error includes them."""
+def _tiny_run_and_its_need(tmp_path: Any) -> tuple[Any, np.ndarray, np.ndarray, int]:
+    """The tiny net loaded, the tiny pair, and the bytes one untiled run of the content at 45 px needs (the
+    optimiser's arrays, the content targets and one evaluation)."""
     from style_transfer.transfer import StyleTransfer
     from tests.conftest import tiny_images
 
@@ -270,6 +269,14 @@ def test_a_cap_counts_what_the_process_holds_already(tmp_path: Any, monkeypatch:
     content, style, _ = tiny_images()
     kept = tiling.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
     need = tiling.run_bytes(st.net, 34, 45, 8, kept) + tiling.evaluation_bytes(st.net, "avg", 34, 45)
+    return st, content, style, need
+
+
+def test_a_cap_counts_what_the_process_holds_already(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-memory is the process's memory: the weights and libraries it holds already (its resident memory) share
+    the cap with the run's arrays and the evaluations, so a cap the run alone would fit can still need tiles, and
+    the smallest workable cap named in the error includes them."""
+    st, content, style, need = _tiny_run_and_its_need(tmp_path)
     held = 3 * need
     monkeypatch.setattr(tiling, "resident_bytes", lambda: held)
     options = dict(length=45, num_iters=1, style_scale=0.5)
@@ -286,15 +293,7 @@ def test_later_scales_count_what_the_process_held_before_the_run(tmp_path: Any,
     earlier scales freed (and the process reuses), so the last scale of a 4096-px print under --max-memory 12 was
     refused after 20 minutes of work although the plan made at the start had fitted it. The run now counts what the
     process held before it, for every scale."""
-    from style_transfer.transfer import StyleTransfer
-    from tests.conftest import tiny_images
-
-    proto, model = tinynets.write_net(tmp_path)
-    st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
-                       gpu=-1)
-    content, style, _ = tiny_images()
-    kept = tiling.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
-    need = tiling.run_bytes(st.net, 34, 45, 8, kept) + tiling.evaluation_bytes(st.net, "avg", 34, 45)
+    st, content, style, need = _tiny_run_and_its_need(tmp_path)
     held = need
     readings: list[int] = []
 
