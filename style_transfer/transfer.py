@@ -126,7 +126,8 @@ class Stylization:
             content = images.resize_long_side(self.content, length)
             h, w = content.shape[:2]
             evaluate = None  # the last scale's targets go before this scale's are made
-            tiling.release_free_memory()
+            if x is not None:  # not before a run's first scale: a video frame would pay for it every time
+                tiling.release_free_memory()
             try:
                 evaluate = self._evaluator(content, length)
             except StyleTransferError as exc:
