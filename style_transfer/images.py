@@ -84,6 +84,11 @@ def pixel_bounds(height: int, width: int) -> tuple[FloatArray, FloatArray]:
     return -mean, np.float32(255.0) - mean
 
 
+def _require_rgb(image: npt.NDArray[Any], caller: str) -> None:
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{caller} expects an HxWx3 RGB array, got shape {image.shape}")
+
+
 # -------------------------------------------------------------------------- resizing
 
 
@@ -177,7 +182,11 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
             except Exception as exc:
                 # Decoders fed damaged files fail in many ways (OSError, ValueError, EOFError, struct.error, ...); to
                 # the user they all mean the same.
-                raise ImageError(_decode_failure_message(label, exc)) from exc
+                detail = reason(exc)
+                if "truncated" in detail.lower():
+                    raise ImageError(f"{label} is truncated: the image data ends early (an incomplete download or "
+                                     "copy?)") from exc
+                raise ImageError(f"{label} is damaged or unsupported and could not be decoded: {detail}") from exc
 
     if notices is not None:
         notices.extend(collected)
@@ -207,37 +216,27 @@ def _reading(label: str) -> Iterator[None]:
 
 def _decode(fp: IO[bytes], label: str, max_pixels: int | None, background: tuple[int, int, int],
             notes: list[str]) -> FloatArray:
-    with Image.open(fp, formats=_readable_formats()) as opened:
+    # Opening EPS runs Ghostscript on the file, a long history of exploits for no gain: nobody needs a PostScript style
+    # image.
+    Image.init()
+    with Image.open(fp, formats=[name for name in Image.ID if name != "EPS"]) as opened:
         width, height = opened.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageError(_bomb_message(label, (width, height), max_pixels))
         # Pillow's guard was off while opening so the check above could report the size; from here on it watches frames
         # and tiles the header did not announce.
         Image.MAX_IMAGE_PIXELS = max_pixels
-        frames = _frame_count(opened)
-        if frames != 1:
-            count = "several" if frames is None else str(frames)
-            notes.append(f"{label} is animated ({count} frames); only the first frame is used")
+        try:
+            frames = str(getattr(opened, "n_frames", 1))
+        except (OSError, EOFError, ValueError, SyntaxError, IndexError, struct.error):
+            # Counting walks every frame; a broken tail should not cost the first frame.
+            frames = "several"
+        if frames != "1":
+            notes.append(f"{label} is animated ({frames} frames); only the first frame is used")
             opened.seek(0)
         opened.load()
         upright = ImageOps.exif_transpose(opened)
     return _to_unit_rgb(upright, background, label, notes)
-
-
-def _frame_count(image: Image.Image) -> int | None:
-    """Number of frames, or None when the later frames are too damaged to count."""
-    try:
-        return int(getattr(image, "n_frames", 1))
-    except (OSError, EOFError, ValueError, SyntaxError, IndexError, struct.error):
-        # Counting walks every frame; a broken tail should not cost the first frame.
-        return None
-
-
-def _readable_formats() -> list[str]:
-    # Opening EPS runs Ghostscript on the file, a long history of exploits for no gain: nobody needs a PostScript style
-    # image.
-    Image.init()
-    return [name for name in Image.ID if name != "EPS"]
 
 
 @contextlib.contextmanager
@@ -268,15 +267,12 @@ def _to_unit_rgb(image: Image.Image, background: tuple[int, int, int], label: st
         image = _to_srgb(image, label, notes)
     if image.mode == "CMYK":
         image = image.convert("RGB")
-    values = _unit_values(np.asarray(image), label, notes)
-    if values.ndim == 2:
-        values = values[:, :, None]
+    values = np.atleast_3d(_unit_values(np.asarray(image), label, notes))
     channels = values.shape[2]
     if channels in (2, 4):
-        colour = values[:, :, :-1]
         alpha = values[:, :, -1:]
         backdrop = np.asarray(background, dtype=np.float32) / np.float32(255.0)
-        values = colour * alpha + backdrop * (np.float32(1.0) - alpha)
+        values = values[:, :, :-1] * alpha + backdrop * (np.float32(1.0) - alpha)
     elif channels not in (1, 3):
         raise ImageError(f"{label} has an unsupported layout ({image.mode}, {channels} channels)")
     if values.shape[2] == 1:
@@ -295,13 +291,11 @@ def _flatten_mode(image: Image.Image) -> Image.Image:
         return image
     if mode == "La":
         return image.convert("LA")
-    if mode in {"L", "RGB"} and not image.has_transparency_data:
-        return image
     if mode == "1":
         return image.convert("L")
     if mode in {"L", "RGB"}:
         # A tRNS colour key: Pillow turns it into a real alpha band on conversion.
-        return image.convert(mode + "A")
+        return image.convert(mode + "A") if image.has_transparency_data else image
     return image.convert("RGBA" if image.has_transparency_data else "RGB")
 
 
@@ -337,34 +331,23 @@ def _srgb_profile() -> Any:
 
 def _unit_values(array: npt.NDArray[Any], label: str, notes: list[str]) -> FloatArray:
     """Scale raw samples to [0, 1] according to their depth."""
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / np.float32(255.0)
-    if array.dtype.kind == "u" and array.dtype.itemsize == 2:
+    if array.dtype.kind == "u" and array.dtype.itemsize <= 2:
         # 16-bit data keeps its full precision instead of going through 8 bits first.
-        return array.astype(np.float32) / np.float32(65535.0)
-    if array.dtype.kind == "i":
-        values = array.astype(np.float64)
-        low, high = float(values.min()), float(values.max())
-        if low >= 0.0 and high <= 65535.0:
-            # Mode "I" is also what 16-bit grey data becomes in some readers and after some operations, and then it
-            # should look the same as I;16.
-            return (values / 65535.0).astype(np.float32)
-        notes.append(f"{label}: 32-bit integer samples from {low:g} to {high:g}; stretched to the full range")
-        return _stretch(values)
-    if array.dtype.kind == "f":
-        values = array.astype(np.float64)
-        finite = values[np.isfinite(values)]
-        if finite.size == values.size and (finite.size == 0 or (finite.min() >= 0.0 and finite.max() <= 1.0)):
-            return values.astype(np.float32)
-        low = float(finite.min()) if finite.size else 0.0
-        high = float(finite.max()) if finite.size else 0.0
-        notes.append(f"{label}: floating-point samples from {low:g} to {high:g}; stretched to the full range")
-        return _stretch(np.where(np.isfinite(values), values, low))
-    raise ImageError(f"{label}: unsupported sample type {array.dtype}")
-
-
-def _stretch(values: npt.NDArray[np.float64]) -> FloatArray:
-    low, high = float(values.min()), float(values.max())
+        return array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
+    if array.dtype.kind not in "if":
+        raise ImageError(f"{label}: unsupported sample type {array.dtype}")
+    values = array.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    low = float(finite.min()) if finite.size else 0.0
+    high = float(finite.max()) if finite.size else 0.0
+    # Mode "I" is also what 16-bit grey data becomes in some readers and after some operations, and then it should
+    # look the same as I;16.
+    top = 65535.0 if array.dtype.kind == "i" else 1.0
+    if finite.size == values.size and low >= 0.0 and high <= top:
+        return (values / top).astype(np.float32)
+    kind = "32-bit integer" if array.dtype.kind == "i" else "floating-point"
+    notes.append(f"{label}: {kind} samples from {low:g} to {high:g}; stretched to the full range")
+    values = np.where(np.isfinite(values), values, low)
     if high <= low:
         return np.clip(values, 0.0, 1.0).astype(np.float32)
     return ((values - low) / (high - low)).astype(np.float32)
@@ -380,37 +363,31 @@ def _is_empty(fp: IO[bytes]) -> bool:
 
 def _bomb_message(label: str, size: tuple[int, int] | None, max_pixels: int | None) -> str:
     limit = "the pixel limit" if max_pixels is None else f"the limit of {max_pixels:,} pixels"
-    if size is None:
-        what = f"{label} is larger than {limit}"
-        hint = "raise it with --max-pixels"
-    else:
-        width, height = size
-        pixels = width * height
-        what = f"{label} is {width}x{height} px = {pixels:,} pixels, more than {limit}"
-        hint = f"raise it with --max-pixels {pixels}"
-    return f"{what} (a guard against decompression bombs); if you trust it, {hint}"
-
-
-def _decode_failure_message(label: str, exc: BaseException) -> str:
-    detail = reason(exc)
-    if "truncated" in detail.lower():
-        return f"{label} is truncated: the image data ends early (an incomplete download or copy?)"
-    return f"{label} is damaged or unsupported and could not be decoded: {detail}"
+    what = f"{label} is larger than {limit}"
+    hint = "--max-pixels"
+    if size is not None:
+        pixels = size[0] * size[1]
+        what = f"{label} is {size[0]}x{size[1]} px = {pixels:,} pixels, more than {limit}"
+        hint = f"--max-pixels {pixels}"
+    return f"{what} (a guard against decompression bombs); if you trust it, raise it with {hint}"
 
 
 # --------------------------------------------------------------------------- saving
 
 
 def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """Fail fast, before a long run, if ``path`` could not receive the result.
-
-    Checks that the extension names a format that can be written, creates the folder, and proves it writable by
-    creating and removing a scratch file (permission bits mean nothing to root and say nothing about ACLs or read-only
-    mounts).
-    """
+    """Fail fast, before a long run, if ``path`` could not receive the result: the extension must name a format that
+    can be written, and the folder is created and proved writable with a scratch file (permission bits mean nothing
+    to root and say nothing about ACLs or read-only mounts)."""
     target = Path(path)
     image_format = _output_format(target)
-    _probe_encoder(target, image_format)
+    # Some plugins register their extensions even without their codec library, which would otherwise only show up when
+    # saving the finished result.
+    try:
+        Image.new("RGB", (MIN_SIDE, MIN_SIDE)).save(io.BytesIO(), format=image_format)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ImageError(f"cannot save {target}: this installation of Pillow cannot write {image_format} "
+                         f"({reason(exc)})") from None
     if target.is_dir():
         raise ImageError(f"cannot save to {target}: it is a folder")
     folder = target.parent
@@ -456,8 +433,10 @@ def save_image(path: str | os.PathLike[str], image: npt.NDArray[Any], *, quality
             # Without it a crash shortly after the rename can leave an empty file.
             os.fsync(out.fileno())
         # mkstemp makes the file private to its owner; an output image should get the permissions any other new file
-        # would.
-        os.chmod(temp_name, _new_file_mode())
+        # would. The umask can only be read by setting it; this is a single-threaded CLI step.
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(temp_name, 0o666 & ~mask)
         os.replace(temp_name, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -477,28 +456,3 @@ def _output_format(target: Path) -> str:
         raise ImageError(f"cannot save {target}: unknown image extension '{target.suffix}'; use one of "
                          f"{_COMMON_EXTENSIONS}")
     return image_format
-
-
-def _probe_encoder(target: Path, image_format: str) -> None:
-    # Some plugins register their extensions even without their codec library, which would otherwise only show up when
-    # saving the finished result.
-    try:
-        Image.new("RGB", (MIN_SIDE, MIN_SIDE)).save(io.BytesIO(), format=image_format)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ImageError(f"cannot save {target}: this installation of Pillow cannot write {image_format} "
-                         f"({reason(exc)})") from None
-
-
-def _new_file_mode() -> int:
-    # The umask can only be read by setting it; this is a single-threaded CLI step.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _require_rgb(image: npt.NDArray[Any], caller: str) -> None:
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{caller} expects an HxWx3 RGB array, got shape {image.shape}")
