@@ -38,13 +38,11 @@ def match_colors(style: np.ndarray, content: np.ndarray, mode: str = "meancov") 
     if mode == "meancov":
         s = style.reshape(-1, 3).astype(np.float64)
         c = content.reshape(-1, 3).astype(np.float64)
-        mu_s, mu_c = s.mean(0), c.mean(0)
         # A touch of ridge keeps flat (e.g. grayscale) images invertible without visibly changing others.
         cov_s = np.cov(s, rowvar=False)
         cov_s += 1e-6 * (np.trace(cov_s) / 3 + 1e-12) * np.eye(3)
-        cov_c = np.cov(c, rowvar=False)
-        transform = _sqrtm(cov_c) @ np.linalg.inv(_sqrtm(cov_s))
-        out = (s - mu_s) @ transform.T + mu_c
+        transform = _sqrtm(np.cov(c, rowvar=False)) @ np.linalg.inv(_sqrtm(cov_s))
+        out = (s - s.mean(0)) @ transform.T + c.mean(0)
         return np.clip(out, 0.0, 1.0).reshape(style.shape).astype(np.float32)
     if mode == "histogram":
         matched = exposure.match_histograms(style, content, channel_axis=-1)
