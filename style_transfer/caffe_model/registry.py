@@ -93,14 +93,6 @@ MODELS: dict[str, ModelInfo] = {
 }
 
 
-def _is_source_checkout(root: Path) -> bool:
-    try:
-        text = (root / "pyproject.toml").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return f'name = "{_PROJECT_NAME}"' in text
-
-
 def user_models_dir() -> Path:
     """The per-user weights folder of an installed package: $XDG_CACHE_HOME/style-transfer/models."""
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -112,14 +104,14 @@ def user_models_dir() -> Path:
 def models_root(models_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where weights live: `models_dir` (--models-dir), else $STYLE_TRANSFER_MODELS, else the checkout's models/
     folder when running from a source checkout, else the user cache folder (never inside site-packages)."""
-    if models_dir:
-        return Path(models_dir)
-    env = os.environ.get(MODELS_DIR_ENV)
-    if env:
-        return Path(env)
-    if _is_source_checkout(_CHECKOUT_ROOT):
-        return _CHECKOUT_ROOT / "models"
-    return user_models_dir()
+    chosen = models_dir or os.environ.get(MODELS_DIR_ENV)
+    if chosen:
+        return Path(chosen)
+    try:
+        pyproject = (_CHECKOUT_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        pyproject = ""
+    return _CHECKOUT_ROOT / "models" if f'name = "{_PROJECT_NAME}"' in pyproject else user_models_dir()
 
 
 def get_model(name: str) -> ModelInfo:
