@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
@@ -207,27 +207,22 @@ def verify_model(name: str, models_dir: str | os.PathLike[str] | None = None, *,
                          f"{fetch_command(info.name, models_dir)}, or run style.py with --download-missing")
     record = _read_record(path)
     st = path.stat()
-    if record is not None:
-        if quick and (record.size, record.mtime_ns) == (st.st_size, st.st_mtime_ns):
-            return path
-        if record.size != st.st_size:
-            _raise_damaged(info, path, models_dir, f"its size is {st.st_size} bytes, {record.size} when verified")
-        digest = _file_hash(path, "sha256")
-        if digest != record.sha256:
-            _raise_damaged(info, path, models_dir, "its sha256 differs from the one recorded when it was verified")
-        if record.mtime_ns != st.st_mtime_ns:
-            _write_record(path, digest)
+    digest = None
+    if record is None:
+        problem = _content_problem(info, path)
+    elif quick and (record.size, record.mtime_ns) == (st.st_size, st.st_mtime_ns):
         return path
-    problem = _content_problem(info, path)
+    elif record.size != st.st_size:
+        problem = f"its size is {st.st_size} bytes, {record.size} when verified"
+    else:
+        digest = _file_hash(path, "sha256")
+        problem = "its sha256 differs from the one recorded when it was verified" if digest != record.sha256 else None
     if problem:
-        _raise_damaged(info, path, models_dir, problem)
-    _write_record(path, _file_hash(path, "sha256"))
+        raise DamagedModelError(f"{path} is damaged or not the {info.name} weights ({problem}). Fetch it again with: "
+                                f"{fetch_command(info.name, models_dir)}", problem)
+    if record is None or record.mtime_ns != st.st_mtime_ns:
+        _write_record(path, digest or _file_hash(path, "sha256"))
     return path
-
-
-def _raise_damaged(info: ModelInfo, path: Path, models_dir: str | os.PathLike[str] | None, detail: str) -> NoReturn:
-    raise DamagedModelError(f"{path} is damaged or not the {info.name} weights ({detail}). Fetch it again with: "
-                            f"{fetch_command(info.name, models_dir)}", detail)
 
 
 def ensure_model(name: str, models_dir: str | os.PathLike[str] | None = None, download_missing: bool = False, *,
