@@ -47,23 +47,16 @@ class ModelInfo:
         return models_root(models_dir) / self.name / self.weights_file
 
 
+def _vgg(name: str, weights_file: str) -> ModelInfo:
+    """The original VGG files: the same host, presets and licence, only the file differs."""
+    return ModelInfo(name=name, weights_file=weights_file,
+                     url=f"http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/{weights_file}",
+                     content_layers={"conv4_2": 1.0}, style_layers=dict(_VGG_STYLE), licence=VGG_LICENCE)
+
+
 MODELS: dict[str, ModelInfo] = {
-    "vgg19": ModelInfo(
-        name="vgg19",
-        weights_file="VGG_ILSVRC_19_layers.caffemodel",
-        url="http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/VGG_ILSVRC_19_layers.caffemodel",
-        content_layers={"conv4_2": 1.0},
-        style_layers=dict(_VGG_STYLE),
-        licence=VGG_LICENCE,
-    ),
-    "vgg16": ModelInfo(
-        name="vgg16",
-        weights_file="VGG_ILSVRC_16_layers.caffemodel",
-        url="http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/VGG_ILSVRC_16_layers.caffemodel",
-        content_layers={"conv4_2": 1.0},
-        style_layers=dict(_VGG_STYLE),
-        licence=VGG_LICENCE,
-    ),
+    "vgg19": _vgg("vgg19", "VGG_ILSVRC_19_layers.caffemodel"),
+    "vgg16": _vgg("vgg16", "VGG_ILSVRC_16_layers.caffemodel"),
     "googlenet": ModelInfo(
         name="googlenet",
         weights_file="bvlc_googlenet.caffemodel",
