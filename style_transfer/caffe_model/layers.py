@@ -228,13 +228,10 @@ def _inner_product(layer: Layer, ins: list[Shape], pooling: str | None) -> list[
 
 def _concat(layer: Layer, ins: list[Shape], pooling: str | None) -> list[Shape]:
     axis = concat_axis(layer)
-    first = ins[0]
-    for other in ins[1:]:
-        if len(other) != len(first) or any(a != b for i, (a, b) in enumerate(zip(first, other, strict=True))
-                                            if i != axis):
-            raise ModelError(f"layer {layer.name!r}: cannot concatenate shapes "
-                             f"{', '.join(fmt_shape(s) for s in ins)} along axis {axis}")
-    out = list(first)
+    if len({s[:axis] + s[axis + 1:] for s in ins}) > 1:  # the shapes must agree but along the axis
+        raise ModelError(f"layer {layer.name!r}: cannot concatenate shapes {', '.join(fmt_shape(s) for s in ins)} "
+                         f"along axis {axis}")
+    out = list(ins[0])
     out[axis] = sum(s[axis] for s in ins)
     return [tuple(out)]
 
