@@ -281,14 +281,3 @@ V1_TYPES = {kind.v1: name for name, kind in LAYER_TYPES.items() if kind.v1} | {
     "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence", "SOFTMAX_LOSS": "SoftmaxWithLoss",
     "SLICE": "Slice", "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
 }
-
-
-def arity_problem(layer: Layer) -> str | None:
-    """What is wrong with the number of the layer's input and output blobs for its type, if anything."""
-    kind = LAYER_TYPES[layer.type]
-    for what, (fewest, most), blobs in (("input", kind.bottoms, layer.bottoms), ("output", kind.tops, layer.tops)):
-        if most is None and len(blobs) < fewest:
-            return f"needs at least {fewest} {what} blob"
-        if most is not None and not fewest <= len(blobs) <= most:
-            return f"needs exactly {fewest} {what} blob, has {len(blobs)}"
-    return None

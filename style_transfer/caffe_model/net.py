@@ -12,7 +12,6 @@ from style_transfer.caffe_model.layers import (
     LAYER_TYPES,
     RUNNABLE,
     Layer,
-    arity_problem,
     conv_geometry,
     fmt_shape,
     windows,
@@ -52,9 +51,12 @@ def infer_shapes(net: Net, input_shape: tuple[int, int, int, int], pooling: str 
         if kind is None or kind.shape is None:
             raise ModelError(f"layer {layer.name!r} has type {layer.type!r}, which this tool cannot run "
                              f"(supported: Input, {', '.join(sorted(RUNNABLE))})")
-        problem = arity_problem(layer)
-        if problem:
-            raise ModelError(f"layer {layer.name!r} ({layer.type}) {problem}")
+        for what, (fewest, most), blobs in (("input", kind.bottoms, layer.bottoms), ("output", kind.tops, layer.tops)):
+            if most is None and len(blobs) < fewest:
+                raise ModelError(f"layer {layer.name!r} ({layer.type}) needs at least {fewest} {what} blob")
+            if most is not None and not fewest <= len(blobs) <= most:
+                raise ModelError(f"layer {layer.name!r} ({layer.type}) needs exactly {fewest} {what} blob, has "
+                                 f"{len(blobs)}")
         outs = kind.shape(layer, [shapes[b] for b in layer.bottoms], pooling)
         for top, shape in zip(layer.tops, outs, strict=True):
             if min(shape) < 1:
