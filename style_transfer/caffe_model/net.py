@@ -156,11 +156,8 @@ def attach_weights(net: Net, weights: CaffeModelWeights, input_shape: tuple[int,
 
 
 def _fit_shape(layer: str, kind: str, blob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if blob.shape == shape:
-        return blob
     # Old files store every blob as 4-D num/channels/height/width, padded with leading 1s (a bias is 1x1x1xN).
-    padded = (1,) * (4 - len(shape)) + shape
-    if blob.ndim == 4 and blob.shape == padded:
+    if blob.shape in (shape, (1,) * (4 - len(shape)) + shape):
         return blob.reshape(shape)
     raise ModelError(f"layer {layer!r}: {kind} shape in the caffemodel is {fmt_shape(blob.shape)}, the prototxt needs "
                      f"{fmt_shape(shape)}")
