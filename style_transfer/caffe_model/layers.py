@@ -62,23 +62,16 @@ def fmt_shape(shape: Iterable[int]) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def _pair(values: Sequence[int], single_h: int | None, single_w: int | None, default: int, what: str,
-          layer: str) -> tuple[int, int]:
-    if single_h is not None or single_w is not None:
-        if single_h is None or single_w is None:
-            raise ModelError(f"layer {layer!r}: {what}_h and {what}_w must be given together")
-        return int(single_h), int(single_w)
-    if len(values) == 0:
-        return default, default
-    if len(values) == 1:
-        return int(values[0]), int(values[0])
-    if len(values) == 2:
-        return int(values[0]), int(values[1])
-    raise ModelError(f"layer {layer!r}: {len(values)} values of {what}; only 2-D convolution is supported")
-
-
-def _optional(p: Any, name: str) -> int | None:
-    return getattr(p, name) if p.HasField(name) else None
+def _pair(layer: Layer, what: str, values: Sequence[int], default: int) -> tuple[int, int]:
+    """A 2-D parameter: from `what`_h and `what`_w where the message has them, else from 0, 1 or 2 `values`."""
+    p, h, w = layer.params, f"{what}_h", f"{what}_w"
+    if h in p.DESCRIPTOR.fields_by_name and (p.HasField(h) or p.HasField(w)):
+        if not (p.HasField(h) and p.HasField(w)):
+            raise ModelError(f"layer {layer.name!r}: {what}_h and {what}_w must be given together")
+        return int(getattr(p, h)), int(getattr(p, w))
+    if len(values) > 2:
+        raise ModelError(f"layer {layer.name!r}: {len(values)} values of {what}; only 2-D convolution is supported")
+    return (int(values[0]), int(values[-1])) if values else (default, default)
 
 
 def conv_geometry(layer: Layer) -> ConvGeometry:
@@ -87,15 +80,14 @@ def conv_geometry(layer: Layer) -> ConvGeometry:
         raise ModelError(f"layer {layer.name!r}: convolution_param.num_output is missing")
     if p.axis != 1:
         raise ModelError(f"layer {layer.name!r}: convolution over axis {p.axis} is not supported (only axis 1)")
-    kh, kw = _optional(p, "kernel_h"), _optional(p, "kernel_w")
-    if kh is None and kw is None and len(p.kernel_size) == 0:
+    if not p.kernel_size and not p.HasField("kernel_h") and not p.HasField("kernel_w"):
         raise ModelError(f"layer {layer.name!r}: convolution_param has no kernel_size")
     geometry = ConvGeometry(
         num_output=int(p.num_output),
-        kernel=_pair(p.kernel_size, kh, kw, 0, "kernel", layer.name),
-        stride=_pair(p.stride, _optional(p, "stride_h"), _optional(p, "stride_w"), 1, "stride", layer.name),
-        pad=_pair(p.pad, _optional(p, "pad_h"), _optional(p, "pad_w"), 0, "pad", layer.name),
-        dilation=_pair(p.dilation, None, None, 1, "dilation", layer.name),
+        kernel=_pair(layer, "kernel", p.kernel_size, 0),
+        stride=_pair(layer, "stride", p.stride, 1),
+        pad=_pair(layer, "pad", p.pad, 0),
+        dilation=_pair(layer, "dilation", p.dilation, 1),
         group=int(p.group),
         bias=bool(p.bias_term),
     )
@@ -117,12 +109,11 @@ def pool_geometry(layer: Layer, override: str | None = None) -> PoolGeometry:
     methods = {0: "max", 1: "avg"}
     if p.pool not in methods:
         raise ModelError(f"layer {layer.name!r}: stochastic pooling is not supported")
-    kh, kw = _optional(p, "kernel_h"), _optional(p, "kernel_w")
-    if not p.global_pooling and kh is None and kw is None and not p.HasField("kernel_size"):
+    if not p.global_pooling and not any(p.HasField(f) for f in ("kernel_size", "kernel_h", "kernel_w")):
         raise ModelError(f"layer {layer.name!r}: pooling_param has no kernel_size")
-    kernel = _pair([p.kernel_size] if p.HasField("kernel_size") else [], kh, kw, 0, "kernel", layer.name)
-    stride = _pair([p.stride], _optional(p, "stride_h"), _optional(p, "stride_w"), 1, "stride", layer.name)
-    pad = _pair([p.pad], _optional(p, "pad_h"), _optional(p, "pad_w"), 0, "pad", layer.name)
+    kernel = _pair(layer, "kernel", [p.kernel_size], 0)
+    stride = _pair(layer, "stride", [p.stride], 1)
+    pad = _pair(layer, "pad", [p.pad], 0)
     if p.global_pooling:
         pad, stride = (0, 0), (1, 1)
     elif min(kernel) < 1 or min(stride) < 1:
@@ -237,13 +228,10 @@ def _inner_product(layer: Layer, ins: list[Shape], pooling: str | None) -> list[
 
 def _concat(layer: Layer, ins: list[Shape], pooling: str | None) -> list[Shape]:
     axis = concat_axis(layer)
-    first = ins[0]
-    for other in ins[1:]:
-        if len(other) != len(first) or any(a != b for i, (a, b) in enumerate(zip(first, other, strict=True))
-                                            if i != axis):
-            raise ModelError(f"layer {layer.name!r}: cannot concatenate shapes "
-                             f"{', '.join(fmt_shape(s) for s in ins)} along axis {axis}")
-    out = list(first)
+    if len({s[:axis] + s[axis + 1:] for s in ins}) > 1:  # the shapes must agree but along the axis
+        raise ModelError(f"layer {layer.name!r}: cannot concatenate shapes {', '.join(fmt_shape(s) for s in ins)} "
+                         f"along axis {axis}")
+    out = list(ins[0])
     out[axis] = sum(s[axis] for s in ins)
     return [tuple(out)]
 
@@ -293,14 +281,3 @@ V1_TYPES = {kind.v1: name for name, kind in LAYER_TYPES.items() if kind.v1} | {
     "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence", "SOFTMAX_LOSS": "SoftmaxWithLoss",
     "SLICE": "Slice", "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
 }
-
-
-def arity_problem(layer: Layer) -> str | None:
-    """What is wrong with the number of the layer's input and output blobs for its type, if anything."""
-    kind = LAYER_TYPES[layer.type]
-    for what, (fewest, most), blobs in (("input", kind.bottoms, layer.bottoms), ("output", kind.tops, layer.tops)):
-        if most is None and len(blobs) < fewest:
-            return f"needs at least {fewest} {what} blob"
-        if most is not None and not fewest <= len(blobs) <= most:
-            return f"needs exactly {fewest} {what} blob, has {len(blobs)}"
-    return None

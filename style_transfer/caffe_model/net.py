@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,20 +12,14 @@ from style_transfer.caffe_model.layers import (
     LAYER_TYPES,
     RUNNABLE,
     Layer,
-    arity_problem,
     conv_geometry,
     fmt_shape,
     windows,
 )
 from style_transfer.errors import ModelError
 
-
-class WeightSource(Protocol):
-    """Learned blobs by layer name: a dict, or a caffemodel that converts blobs on demand."""
-
-    def __contains__(self, name: object, /) -> bool: ...
-
-    def __getitem__(self, name: str, /) -> list[np.ndarray]: ...
+if TYPE_CHECKING:
+    from style_transfer.caffe_model.reader import CaffeModelWeights
 
 
 @dataclass
@@ -57,9 +51,12 @@ def infer_shapes(net: Net, input_shape: tuple[int, int, int, int], pooling: str 
         if kind is None or kind.shape is None:
             raise ModelError(f"layer {layer.name!r} has type {layer.type!r}, which this tool cannot run "
                              f"(supported: Input, {', '.join(sorted(RUNNABLE))})")
-        problem = arity_problem(layer)
-        if problem:
-            raise ModelError(f"layer {layer.name!r} ({layer.type}) {problem}")
+        for what, (fewest, most), blobs in (("input", kind.bottoms, layer.bottoms), ("output", kind.tops, layer.tops)):
+            if most is None and len(blobs) < fewest:
+                raise ModelError(f"layer {layer.name!r} ({layer.type}) needs at least {fewest} {what} blob")
+            if most is not None and not fewest <= len(blobs) <= most:
+                raise ModelError(f"layer {layer.name!r} ({layer.type}) needs exactly {fewest} {what} blob, has "
+                                 f"{len(blobs)}")
         outs = kind.shape(layer, [shapes[b] for b in layer.bottoms], pooling)
         for top, shape in zip(layer.tops, outs, strict=True):
             if min(shape) < 1:
@@ -90,13 +87,10 @@ def reaches(net: Net, pooling: str | None = None) -> dict[str, Reach]:
             raise ModelError(f"layer {layer.name!r} reads a blob no earlier layer makes")
         if len({r.stride for r in ins}) != 1:
             raise ModelError(f"layer {layer.name!r} joins blobs of different strides; the net cannot be tiled")
-        stride, lo, hi = ins[0].stride, [min(r.lo[a] for r in ins) for a in (0, 1)], \
-            [max(r.hi[a] for r in ins) for a in (0, 1)]
-        ws = windows(layer, pooling)
-        reach = Reach(
-            (stride[0] * ws[0].stride, stride[1] * ws[1].stride),
-            (lo[0] - ws[0].pad * stride[0], lo[1] - ws[1].pad * stride[1]),
-            (hi[0] + (ws[0].extent - 1 - ws[0].pad) * stride[0], hi[1] + (ws[1].extent - 1 - ws[1].pad) * stride[1]))
+        stride, ws = ins[0].stride, windows(layer, pooling)
+        lo = [min(r.lo[a] for r in ins) - ws[a].pad * stride[a] for a in (0, 1)]
+        hi = [max(r.hi[a] for r in ins) + (ws[a].extent - 1 - ws[a].pad) * stride[a] for a in (0, 1)]
+        reach = Reach((stride[0] * ws[0].stride, stride[1] * ws[1].stride), (lo[0], lo[1]), (hi[0], hi[1]))
         for top in layer.tops:
             out[top] = reach
     return out
@@ -109,11 +103,11 @@ def truncate(net: Net, blobs: Iterable[str]) -> Net:
     fc layers serves a prototxt that has them.
     """
     wanted = list(dict.fromkeys(blobs))
-    known = set(net.blob_names())
+    known = net.blob_names()
     missing = [b for b in wanted if b not in known]
     if missing:
         raise ModelError(f"the net has no blob {', '.join(repr(b) for b in missing)}; available: "
-                         f"{', '.join(net.blob_names()[1:])}")
+                         f"{', '.join(known[1:])}")
     last_write = {top: i for i, layer in enumerate(net.layers) for top in layer.tops}
     end = max((last_write.get(b, -1) for b in wanted), default=-1)
     needed = set(wanted)
@@ -123,28 +117,24 @@ def truncate(net: Net, blobs: Iterable[str]) -> Net:
             kept.append(layer)
             needed.update(layer.bottoms)
     kept.reverse()
-    return replace(net, layers=kept, weights={k: v for k, v in net.weights.items()
-                                               if k in {layer.name for layer in kept}})
+    names = {layer.name for layer in kept}
+    return replace(net, layers=kept, weights={k: v for k, v in net.weights.items() if k in names})
 
 
 def expected_param_shapes(layer: Layer, bottom_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Shapes of the learned blobs a layer needs, given its input shape."""
     if layer.type == "InnerProduct":
-        n_out = int(layer.params.num_output)
-        ip_shapes: list[tuple[int, ...]] = [(n_out, int(np.prod(bottom_shape[1:])))]
-        if layer.params.bias_term:
-            ip_shapes.append((n_out,))
-        return ip_shapes
-    if layer.type != "Convolution":
+        n_out, bias = int(layer.params.num_output), bool(layer.params.bias_term)
+        weight_shape: tuple[int, ...] = (n_out, int(np.prod(bottom_shape[1:])))
+    elif layer.type == "Convolution":
+        g = conv_geometry(layer)
+        n_out, bias, weight_shape = g.num_output, g.bias, (g.num_output, bottom_shape[1] // g.group, *g.kernel)
+    else:
         return []
-    g = conv_geometry(layer)
-    shapes: list[tuple[int, ...]] = [(g.num_output, bottom_shape[1] // g.group, *g.kernel)]
-    if g.bias:
-        shapes.append((g.num_output,))
-    return shapes
+    return [weight_shape, (n_out,)] if bias else [weight_shape]
 
 
-def attach_weights(net: Net, weights: WeightSource, input_shape: tuple[int, int, int, int],
+def attach_weights(net: Net, weights: CaffeModelWeights, input_shape: tuple[int, int, int, int],
                    pooling: str | None = None) -> Net:
     """Check and attach learned blobs to every layer that needs them; errors name the layer and both shapes."""
     shapes = infer_shapes(net, input_shape, pooling)
@@ -153,24 +143,21 @@ def attach_weights(net: Net, weights: WeightSource, input_shape: tuple[int, int,
         expected = expected_param_shapes(layer, shapes[layer.bottoms[0]] if layer.bottoms else ())
         if not expected:
             continue
+        needs = " and ".join(fmt_shape(s) for s in expected)
         if layer.name not in weights:
-            raise ModelError(f"the caffemodel has no weights for layer {layer.name!r} (the prototxt needs "
-                             f"{' and '.join(fmt_shape(s) for s in expected)})")
+            raise ModelError(f"the caffemodel has no weights for layer {layer.name!r} (the prototxt needs {needs})")
         blobs = weights[layer.name]
         if len(blobs) < len(expected):
             raise ModelError(f"layer {layer.name!r}: the caffemodel has {len(blobs)} blob(s), the prototxt needs "
-                             f"{len(expected)} ({' and '.join(fmt_shape(s) for s in expected)})")
+                             f"{len(expected)} ({needs})")
         attached[layer.name] = [_fit_shape(layer.name, kind, blob, shape)
                                 for kind, blob, shape in zip(("weights", "bias"), blobs, expected, strict=False)]
     return replace(net, weights=attached)
 
 
 def _fit_shape(layer: str, kind: str, blob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if blob.shape == shape:
-        return blob
     # Old files store every blob as 4-D num/channels/height/width, padded with leading 1s (a bias is 1x1x1xN).
-    padded = (1,) * (4 - len(shape)) + shape
-    if blob.ndim == 4 and blob.shape == padded:
+    if blob.shape in (shape, (1,) * (4 - len(shape)) + shape):
         return blob.reshape(shape)
     raise ModelError(f"layer {layer!r}: {kind} shape in the caffemodel is {fmt_shape(blob.shape)}, the prototxt needs "
                      f"{fmt_shape(shape)}")

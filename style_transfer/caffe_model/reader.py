@@ -18,14 +18,12 @@ from style_transfer.util import reason
 
 def read_prototxt_message(path: str | os.PathLike[str]) -> pb.NetParameter:
     text = _read_bytes(path, "prototxt")
-    try:
-        decoded = text.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ModelError(f"{path}: not a text prototxt (is it a binary caffemodel?)") from None
     param = pb.NetParameter()
     try:
         # Training-only fields this schema leaves out (transform_param, data_param, ...) are skipped, not errors.
-        text_format.Parse(decoded, param, allow_unknown_field=True)
+        text_format.Parse(text.decode("utf-8"), param, allow_unknown_field=True)
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not a text prototxt (is it a binary caffemodel?)") from None
     except text_format.ParseError as exc:
         raise ModelError(f"{path}: prototxt syntax error at line {exc.GetLine()}, column {exc.GetColumn()}: "
                          f"{_strip_position(str(exc))}") from None
@@ -73,19 +71,18 @@ def _in_test_phase(raw: Any) -> bool:
     return not any(r.HasField("phase") and r.phase == pb.TEST for r in raw.exclude)
 
 
-def _layer_type(raw: Any, v1: bool) -> str:
-    if v1:
+def _layer_type(raw: Any) -> str:
+    if isinstance(raw, pb.V1LayerParameter):
         name = pb.V1LayerParameter.LayerType.Name(raw.type)
         return V1_TYPES.get(name, name)
     return str(raw.type)
 
 
-def _layers(param: pb.NetParameter) -> list[tuple[Any, bool]]:
+def _layers(param: pb.NetParameter) -> Any:
+    """The layers in whichever layout the net uses: LayerParameter or V1LayerParameter messages."""
     if param.layer and param.layers:
         raise ModelError("the net mixes the current `layer` and the old `layers` layouts")
-    if param.layer:
-        return [(layer, False) for layer in param.layer]
-    return [(layer, True) for layer in param.layers]
+    return param.layer or param.layers
 
 
 def net_from_message(param: pb.NetParameter, source: str = "prototxt") -> Net:
@@ -104,10 +101,10 @@ def net_from_message(param: pb.NetParameter, source: str = "prototxt") -> Net:
             input_shape = tuple(int(d) for d in param.input_dim)
     layers: list[Layer] = []
     seen: set[str] = set()
-    for raw, v1 in _layers(param):
+    for raw in _layers(param):
         if not _in_test_phase(raw):
             continue
-        kind = _layer_type(raw, v1)
+        kind = _layer_type(raw)
         name = str(raw.name) or f"{kind.lower()}{len(layers)}"
         if name in seen:
             raise ModelError(f"{source}: two layers are named {name!r}")
@@ -138,11 +135,11 @@ def _blob_shape(blob: pb.BlobProto) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-def blob_array(blob: pb.BlobProto, where: str = "") -> np.ndarray:
+def blob_array(blob: pb.BlobProto, where: str) -> np.ndarray:
     """A learned blob as float32, in its shape."""
     shape = _blob_shape(blob)
     values = blob.data if len(blob.data) else blob.double_data
-    count = int(np.prod(shape)) if shape else 1
+    count = int(np.prod(shape))
     if len(values) != count:
         raise ModelError(f"{where}: blob of shape {fmt_shape(shape)} holds {len(values)} values, "
                          f"expected {count} (truncated or corrupt caffemodel)")
@@ -154,7 +151,7 @@ class CaffeModelWeights:
 
     def __init__(self, param: pb.NetParameter, source: str) -> None:
         self._source = source
-        self._raw = {str(raw.name): list(raw.blobs) for raw, _v1 in _layers(param) if raw.blobs}
+        self._raw = {str(raw.name): list(raw.blobs) for raw in _layers(param) if raw.blobs}
 
     def __contains__(self, name: object) -> bool:
         return name in self._raw
