@@ -180,8 +180,6 @@ class Batch:
                                                        "(a crash, or the system ran out of memory)"))
                 else:
                     suspects.append(job)  # one of them killed the worker: each runs again, alone
-            if died:
-                backend.recover()
 
     def summary(self, started: float, interrupted: bool, mode: str) -> tuple[dict[str, Any], int]:
         for record in self.records.values():
