@@ -9,10 +9,10 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from style_transfer import images
@@ -42,24 +42,19 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-class Interrupts:
-    """Counts Ctrl-C presses instead of raising, so that no file write is cut in half by KeyboardInterrupt."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._previous: Any = None
-
-    def __enter__(self) -> Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.count += 1
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+@contextlib.contextmanager
+def counted_interrupts() -> Iterator[list[int]]:
+    """Ctrl-C presses collected in a list instead of raised, so that no file write is cut in half by
+    KeyboardInterrupt."""
+    presses: list[int] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: presses.append(signum))
+    try:
+        yield presses
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -129,15 +124,15 @@ class Batch:
         else:
             say(f"[{self.finished}/{self.to_run}] {outcome.status.upper():7s}            {where}: {outcome.error}")
 
-    def drive(self, backend: Backend, pending: deque[Job], threads: int | None, interrupts: Interrupts) -> bool:
+    def drive(self, backend: Backend, pending: deque[Job], threads: int | None, interrupts: list[int]) -> bool:
         """Run the pending jobs on the backend; True if stopped by Ctrl-C."""
         inflight: dict[Any, Job] = {}
         suspects: deque[Job] = deque()  # were running when a worker process died; now run one at a time
         isolating: set[int] = set()
         seen_interrupts = 0
         while True:
-            if interrupts.count > seen_interrupts:
-                seen_interrupts = interrupts.count
+            if len(interrupts) > seen_interrupts:
+                seen_interrupts = len(interrupts)
                 if seen_interrupts == 1:
                     say(f"interrupted: starting no more jobs; waiting for the {len(inflight)} running "
                         "(Ctrl-C again to abandon them)")
@@ -250,18 +245,16 @@ def run(args: argparse.Namespace, jobs: list[Job], task_function: TaskFunction) 
     started = time.time()
     interrupted = False
     if pending:
-        with contextlib.nullcontext() if args.dask_scheduler else child_thread_limits(threads):
+        with contextlib.ExitStack() as stack:
             if args.dask_scheduler:
                 say(f"connecting to the Dask scheduler at {args.dask_scheduler}")
                 backend: Backend = DaskBackend(args.dask_scheduler, args.threads, task_function)
             else:
+                stack.enter_context(child_thread_limits(threads))
                 backend = LocalBackend(workers, threads, task_function)
-            try:
-                with Interrupts() as interrupts:
-                    interrupted = batch.drive(backend, pending, args.threads if args.dask_scheduler else threads,
-                                              interrupts)
-            finally:
-                backend.close()
+            stack.callback(backend.close)
+            interrupted = batch.drive(backend, pending, args.threads if args.dask_scheduler else threads,
+                                      stack.enter_context(counted_interrupts()))
     summary, code = batch.summary(started, interrupted, mode)
     print(format_table(summary))
     try:
