@@ -214,15 +214,13 @@ def run(args: argparse.Namespace, jobs: list[Job], task_function: TaskFunction) 
         raise StyleTransferError(f"--summary {summary_path} is a folder")
 
     batch = Batch(manifest, jobs)
-    pending: deque[Job] = deque()
     for job in jobs:
         if not args.force and job.is_finished():
             batch.records[job.number].status = "skipped"
-        else:
-            pending.append(job)
+    to_run = [job for job in jobs if batch.records[job.number].status == "pending"]
     # Jobs of one net after one another: a worker's cache then holds the net for the next job too.
-    order = {key: i for i, key in enumerate(dict.fromkeys(model_key(job.options) for job in pending))}
-    pending = deque(sorted(pending, key=lambda job: order[model_key(job.options)]))
+    order = {key: i for i, key in enumerate(dict.fromkeys(model_key(job.options) for job in to_run))}
+    pending = deque(sorted(to_run, key=lambda job: order[model_key(job.options)]))
     batch.to_run = len(pending)
 
     if args.dry_run:
