@@ -108,14 +108,11 @@ def read_manifest(path: Path, defaults: dict[str, Any]) -> list[Job]:
 
     base = path.parent.absolute()
     jobs = [_job(number, line, names, row, base, defaults) for number, (line, row) in enumerate(rows[1:], start=1)]
-    seen: dict[Path, int] = {}
+    first_line: dict[Path, int] = {}
     for job in jobs:
-        if job.output is None:
-            continue
-        if job.output in seen:
-            raise ManifestError(f"{path}: lines {seen[job.output]} and {job.line} both write {job.output}; "
+        if job.output is not None and first_line.setdefault(job.output, job.line) != job.line:
+            raise ManifestError(f"{path}: lines {first_line[job.output]} and {job.line} both write {job.output}; "
                                 "every job needs its own output")
-        seen[job.output] = job.line
     return jobs
 
 
