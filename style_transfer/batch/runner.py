@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -62,15 +62,14 @@ class Record:
     job: Job
     status: str = "pending"  # ok, skipped, failed, interrupted, not run
     error: str | None = None
-    seconds: float | None = None
-    worker: str | None = None
-    model_loaded_fresh: bool | None = None
+    run: dict[str, Any] = field(default_factory=dict)  # the worker's part of the job's report
 
     def as_dict(self) -> dict[str, Any]:
         return {"job": self.job.number, "line": self.job.line, "status": self.status,
                 "output": str(self.job.output) if self.job.output else None,
                 "report": str(self.job.report_path) if self.job.report_path else None, "error": self.error,
-                "seconds": self.seconds, "worker": self.worker, "model_loaded_fresh": self.model_loaded_fresh}
+                "seconds": self.run.get("job_seconds"), "worker": self.run.get("worker"),
+                "model_loaded_fresh": self.run.get("model_loaded_fresh")}
 
 
 class Batch:
@@ -92,7 +91,6 @@ class Batch:
 
     def finish(self, job: Job, outcome: Outcome) -> None:
         """The image first, then the report, both atomically: a crash in between leaves a job that runs again."""
-        record = self.records[job.number]
         if outcome.status == "ok" and outcome.image is not None and job.output is not None:
             try:
                 images.save_image(job.output, outcome.image)
@@ -109,10 +107,7 @@ class Batch:
             except StyleTransferError as exc:
                 if outcome.status == "ok":
                     outcome = Outcome("failed", one_line(exc), report=outcome.report)
-        record.status, record.error = outcome.status, outcome.error
-        record.seconds = outcome.report.get("job_seconds")
-        record.worker = outcome.report.get("worker")
-        record.model_loaded_fresh = outcome.report.get("model_loaded_fresh")
+        self.records[job.number] = Record(job, outcome.status, outcome.error, outcome.report)
         for notice in outcome.report.get("notices", []):
             if notice not in self.notices:
                 self.notices.add(notice)
@@ -120,7 +115,7 @@ class Batch:
         self.finished += 1
         where = shown(job.output) if job.output is not None else f"manifest line {job.line}"
         if outcome.status == "ok":
-            say(f"[{self.finished}/{self.to_run}] ok      {record.seconds or 0:7.1f} s  {where}")
+            say(f"[{self.finished}/{self.to_run}] ok      {outcome.report.get('job_seconds') or 0:7.1f} s  {where}")
         else:
             say(f"[{self.finished}/{self.to_run}] {outcome.status.upper():7s}            {where}: {outcome.error}")
 
