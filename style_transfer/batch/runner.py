@@ -123,7 +123,7 @@ class Batch:
         """Run the pending jobs on the backend; True if stopped by Ctrl-C."""
         inflight: dict[Any, Job] = {}
         suspects: deque[Job] = deque()  # were running when a worker process died; now run one at a time
-        isolating: set[int] = set()
+        isolating = False  # a suspect is running: it runs alone
         seen_interrupts = 0
         while True:
             if len(interrupts) > seen_interrupts:
@@ -149,20 +149,18 @@ class Batch:
                     self.finish(job, Outcome("failed", one_line(exc)))
                     continue
                 inflight[backend.submit(task)] = job
-                if alone:
-                    isolating.add(job.number)
+                isolating = alone
             if not inflight:
                 return seen_interrupts > 0
             running = len(inflight)
             outcomes = {f: backend.outcome(f) for f in backend.wait(list(inflight), timeout=0.25)}
-            died = any(isinstance(o, Died) for o in outcomes.values())
-            if died:
+            if any(isinstance(o, Died) for o in outcomes.values()):
                 # A broken pool ends every job it held; collect them all before a new pool starts.
                 rest = [f for f in inflight if f not in outcomes]
                 outcomes.update({f: backend.outcome(f) for f in backend.settle(rest)})
             for future, outcome in outcomes.items():
                 job = inflight.pop(future)
-                isolating.discard(job.number)
+                isolating = False
                 if not isinstance(outcome, Died):
                     self.finish(job, outcome)
                 elif running == 1:
