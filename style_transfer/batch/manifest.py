@@ -30,7 +30,6 @@ class Job:
     output: Path | None
     styles: list[Path] = field(default_factory=list)
     content: Path | None = None
-    init_file: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None  # found while reading the row: the job fails without running
 
@@ -137,8 +136,6 @@ def _job(number: int, line: int, names: list[str], row: list[str], base: Path, d
         blend = job.options["style_weights"]
         if blend is not None and len(blend) != len(job.styles):
             raise StyleTransferError(f"{len(job.styles)} style image(s) but {len(blend)} style weight(s)")
-        if init_kind(job.options["init"]) == "file":
-            job.init_file = Path(job.options["init"])
     except StyleTransferError as exc:
         job.problem = f"manifest line {line}: {exc}"
     return job

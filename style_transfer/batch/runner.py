@@ -21,6 +21,7 @@ from style_transfer.batch.manifest import Job
 from style_transfer.batch.worker import InputFile, Outcome, Task, cpu_count, model_key, read_input
 from style_transfer.errors import StyleTransferError
 from style_transfer.openmp import prefer_short_spin
+from style_transfer.options import init_kind
 from style_transfer.util import check_writable, one_line, write_json
 
 EXIT_OK = 0
@@ -85,9 +86,10 @@ class Batch:
             raise StyleTransferError(job.problem)
         assert job.output is not None and job.content is not None
         images.check_output_path(job.output)
-        init: str | InputFile = str(job.options["init"]) if job.init_file is None else read_input(job.init_file)
+        init = job.options["init"]
+        init_input: str | InputFile = read_input(Path(init)) if init_kind(init) == "file" else str(init)
         return Task(job=job.number, content=read_input(job.content), styles=tuple(read_input(p) for p in job.styles),
-                    init=init, options=dict(job.options), threads=threads)
+                    init=init_input, options=dict(job.options), threads=threads)
 
     def finish(self, job: Job, outcome: Outcome) -> None:
         """The image first, then the report, both atomically: a crash in between leaves a job that runs again."""
