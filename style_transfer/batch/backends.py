@@ -38,12 +38,11 @@ class Backend(Protocol):
         """A finished job's outcome. Only a local pool dies with its worker: Dask retries a task whose worker died,
         and gives up with KilledWorker, reported as a failure, after a few such deaths."""
         try:
-            result: Outcome = future.result()
+            return future.result()
         except BrokenProcessPool:
             return Died()
         except Exception as exc:
             return Outcome("failed", one_line(f"{type(exc).__name__}: {exc}"))
-        return result
 
     def settle(self, futures: list[Any]) -> list[Any]:
         """After a death: those of the other running `futures` that it ended too, once the backend is ready for new
