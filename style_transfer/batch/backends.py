@@ -38,20 +38,16 @@ class Backend(Protocol):
         """A finished job's outcome. Only a local pool dies with its worker: Dask retries a task whose worker died,
         and gives up with KilledWorker, reported as a failure, after a few such deaths."""
         try:
-            result: Outcome = future.result()
+            return future.result()
         except BrokenProcessPool:
             return Died()
         except Exception as exc:
             return Outcome("failed", one_line(f"{type(exc).__name__}: {exc}"))
-        return result
 
     def settle(self, futures: list[Any]) -> list[Any]:
-        """After a death: those of the other running `futures` that it ended too (a local pool ends them all)."""
+        """After a death: those of the other running `futures` that it ended too, once the backend is ready for new
+        jobs (a local pool ends them all, and is replaced)."""
         return []
-
-    def recover(self) -> None:
-        """After a death: be ready for new jobs (a local pool is replaced)."""
-        return None
 
     def abandon(self, futures: list[Any]) -> None: ...
 
@@ -119,6 +115,7 @@ class LocalBackend(Backend):
 
     def settle(self, futures: list[Any]) -> list[Any]:
         done, _ = wait(futures, timeout=30)
+        self.recover()
         return list(done)
 
     def recover(self) -> None:
@@ -155,9 +152,6 @@ class DaskBackend(Backend):
             raise StyleTransferError(f"cannot reach the Dask scheduler at {address}: {one_line(exc)}") from None
         self.threads = threads
         self.function = function
-        self._checked = 0.0
-        self._capacity = 1
-        self.host_workers: dict[str, int] = {}
         self._refresh()
 
     def _refresh(self) -> None:

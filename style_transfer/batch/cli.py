@@ -24,7 +24,6 @@ REFUSED = (*(o for o in OPTIONS if o.scope == "cli"), Option("download", ("--dow
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """style.py's job options (defaults for every job) plus the batch's own."""
     p = Parser(prog="style.py batch", formatter_class=HelpFormatter,
                usage="style.py batch MANIFEST.csv [--workers N | --dask-scheduler ADDRESS] [options]",
                description="Run every job of a CSV manifest (columns style, content, output, and any job option "
@@ -58,15 +57,13 @@ def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
 def batch_main(argv: Sequence[str] | None = None, *, task_function: TaskFunction = run_task) -> int:
     """`style.py batch MANIFEST.csv [options]`; `argv` is what follows the word `batch`."""
     args = build_parser().parse_args(argv)
-    for option in REFUSED:
-        if getattr(args, option.name) is not None:
-            column = f"; it is the manifest column {option.name!r}" if option.name in REQUIRED_COLUMNS else ""
-            runner.say(f"error: {option.label} is not an option of style.py batch{column}")
-            return runner.EXIT_USAGE
-    if args.dask_scheduler and args.workers:
-        runner.say("error: --workers is for local runs; on Dask the cluster's workers run the jobs")
-        return runner.EXIT_USAGE
     try:
+        for option in REFUSED:
+            if getattr(args, option.name) is not None:
+                column = f"; it is the manifest column {option.name!r}" if option.name in REQUIRED_COLUMNS else ""
+                raise StyleTransferError(f"{option.label} is not an option of style.py batch{column}")
+        if args.dask_scheduler and args.workers:
+            raise StyleTransferError("--workers is for local runs; on Dask the cluster's workers run the jobs")
         jobs = read_manifest(Path(args.manifest).absolute(), job_defaults(args))
         return runner.run(args, jobs, task_function)
     except StyleTransferError as exc:

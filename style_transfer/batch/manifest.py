@@ -30,7 +30,6 @@ class Job:
     output: Path | None
     styles: list[Path] = field(default_factory=list)
     content: Path | None = None
-    init_file: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None  # found while reading the row: the job fails without running
 
@@ -108,14 +107,11 @@ def read_manifest(path: Path, defaults: dict[str, Any]) -> list[Job]:
 
     base = path.parent.absolute()
     jobs = [_job(number, line, names, row, base, defaults) for number, (line, row) in enumerate(rows[1:], start=1)]
-    seen: dict[Path, int] = {}
+    first_line: dict[Path, int] = {}
     for job in jobs:
-        if job.output is None:
-            continue
-        if job.output in seen:
-            raise ManifestError(f"{path}: lines {seen[job.output]} and {job.line} both write {job.output}; "
+        if job.output is not None and first_line.setdefault(job.output, job.line) != job.line:
+            raise ManifestError(f"{path}: lines {first_line[job.output]} and {job.line} both write {job.output}; "
                                 "every job needs its own output")
-        seen[job.output] = job.line
     return jobs
 
 
@@ -140,8 +136,6 @@ def _job(number: int, line: int, names: list[str], row: list[str], base: Path, d
         blend = job.options["style_weights"]
         if blend is not None and len(blend) != len(job.styles):
             raise StyleTransferError(f"{len(job.styles)} style image(s) but {len(blend)} style weight(s)")
-        if init_kind(job.options["init"]) == "file":
-            job.init_file = Path(job.options["init"])
     except StyleTransferError as exc:
         job.problem = f"manifest line {line}: {exc}"
     return job

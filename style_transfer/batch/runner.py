@@ -9,10 +9,10 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from style_transfer import images
@@ -21,6 +21,7 @@ from style_transfer.batch.manifest import Job
 from style_transfer.batch.worker import InputFile, Outcome, Task, cpu_count, model_key, read_input
 from style_transfer.errors import StyleTransferError
 from style_transfer.openmp import prefer_short_spin
+from style_transfer.options import init_kind
 from style_transfer.util import check_writable, one_line, write_json
 
 EXIT_OK = 0
@@ -42,24 +43,19 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-class Interrupts:
-    """Counts Ctrl-C presses instead of raising, so that no file write is cut in half by KeyboardInterrupt."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._previous: Any = None
-
-    def __enter__(self) -> Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.count += 1
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+@contextlib.contextmanager
+def counted_interrupts() -> Iterator[list[int]]:
+    """Ctrl-C presses collected in a list instead of raised, so that no file write is cut in half by
+    KeyboardInterrupt."""
+    presses: list[int] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: presses.append(signum))
+    try:
+        yield presses
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -67,15 +63,14 @@ class Record:
     job: Job
     status: str = "pending"  # ok, skipped, failed, interrupted, not run
     error: str | None = None
-    seconds: float | None = None
-    worker: str | None = None
-    model_loaded_fresh: bool | None = None
+    run: dict[str, Any] = field(default_factory=dict)  # the worker's part of the job's report
 
     def as_dict(self) -> dict[str, Any]:
         return {"job": self.job.number, "line": self.job.line, "status": self.status,
                 "output": str(self.job.output) if self.job.output else None,
                 "report": str(self.job.report_path) if self.job.report_path else None, "error": self.error,
-                "seconds": self.seconds, "worker": self.worker, "model_loaded_fresh": self.model_loaded_fresh}
+                "seconds": self.run.get("job_seconds"), "worker": self.run.get("worker"),
+                "model_loaded_fresh": self.run.get("model_loaded_fresh")}
 
 
 class Batch:
@@ -91,13 +86,13 @@ class Batch:
             raise StyleTransferError(job.problem)
         assert job.output is not None and job.content is not None
         images.check_output_path(job.output)
-        init: str | InputFile = str(job.options["init"]) if job.init_file is None else read_input(job.init_file)
+        init = job.options["init"]
+        init_input: str | InputFile = read_input(Path(init)) if init_kind(init) == "file" else str(init)
         return Task(job=job.number, content=read_input(job.content), styles=tuple(read_input(p) for p in job.styles),
-                    init=init, options=dict(job.options), threads=threads)
+                    init=init_input, options=dict(job.options), threads=threads)
 
     def finish(self, job: Job, outcome: Outcome) -> None:
         """The image first, then the report, both atomically: a crash in between leaves a job that runs again."""
-        record = self.records[job.number]
         if outcome.status == "ok" and outcome.image is not None and job.output is not None:
             try:
                 images.save_image(job.output, outcome.image)
@@ -114,10 +109,7 @@ class Batch:
             except StyleTransferError as exc:
                 if outcome.status == "ok":
                     outcome = Outcome("failed", one_line(exc), report=outcome.report)
-        record.status, record.error = outcome.status, outcome.error
-        record.seconds = outcome.report.get("job_seconds")
-        record.worker = outcome.report.get("worker")
-        record.model_loaded_fresh = outcome.report.get("model_loaded_fresh")
+        self.records[job.number] = Record(job, outcome.status, outcome.error, outcome.report)
         for notice in outcome.report.get("notices", []):
             if notice not in self.notices:
                 self.notices.add(notice)
@@ -125,19 +117,19 @@ class Batch:
         self.finished += 1
         where = shown(job.output) if job.output is not None else f"manifest line {job.line}"
         if outcome.status == "ok":
-            say(f"[{self.finished}/{self.to_run}] ok      {record.seconds or 0:7.1f} s  {where}")
+            say(f"[{self.finished}/{self.to_run}] ok      {outcome.report.get('job_seconds') or 0:7.1f} s  {where}")
         else:
             say(f"[{self.finished}/{self.to_run}] {outcome.status.upper():7s}            {where}: {outcome.error}")
 
-    def drive(self, backend: Backend, pending: deque[Job], threads: int | None, interrupts: Interrupts) -> bool:
+    def drive(self, backend: Backend, pending: deque[Job], threads: int | None, interrupts: list[int]) -> bool:
         """Run the pending jobs on the backend; True if stopped by Ctrl-C."""
         inflight: dict[Any, Job] = {}
         suspects: deque[Job] = deque()  # were running when a worker process died; now run one at a time
-        isolating: set[int] = set()
+        isolating = False  # a suspect is running: it runs alone
         seen_interrupts = 0
         while True:
-            if interrupts.count > seen_interrupts:
-                seen_interrupts = interrupts.count
+            if len(interrupts) > seen_interrupts:
+                seen_interrupts = len(interrupts)
                 if seen_interrupts == 1:
                     say(f"interrupted: starting no more jobs; waiting for the {len(inflight)} running "
                         "(Ctrl-C again to abandon them)")
@@ -159,20 +151,18 @@ class Batch:
                     self.finish(job, Outcome("failed", one_line(exc)))
                     continue
                 inflight[backend.submit(task)] = job
-                if alone:
-                    isolating.add(job.number)
+                isolating = alone
             if not inflight:
                 return seen_interrupts > 0
             running = len(inflight)
             outcomes = {f: backend.outcome(f) for f in backend.wait(list(inflight), timeout=0.25)}
-            died = any(isinstance(o, Died) for o in outcomes.values())
-            if died:
+            if any(isinstance(o, Died) for o in outcomes.values()):
                 # A broken pool ends every job it held; collect them all before a new pool starts.
                 rest = [f for f in inflight if f not in outcomes]
                 outcomes.update({f: backend.outcome(f) for f in backend.settle(rest)})
             for future, outcome in outcomes.items():
                 job = inflight.pop(future)
-                isolating.discard(job.number)
+                isolating = False
                 if not isinstance(outcome, Died):
                     self.finish(job, outcome)
                 elif running == 1:
@@ -180,8 +170,6 @@ class Batch:
                                                        "(a crash, or the system ran out of memory)"))
                 else:
                     suspects.append(job)  # one of them killed the worker: each runs again, alone
-            if died:
-                backend.recover()
 
     def summary(self, started: float, interrupted: bool, mode: str) -> tuple[dict[str, Any], int]:
         for record in self.records.values():
@@ -221,15 +209,13 @@ def run(args: argparse.Namespace, jobs: list[Job], task_function: TaskFunction) 
         raise StyleTransferError(f"--summary {summary_path} is a folder")
 
     batch = Batch(manifest, jobs)
-    pending: deque[Job] = deque()
     for job in jobs:
         if not args.force and job.is_finished():
             batch.records[job.number].status = "skipped"
-        else:
-            pending.append(job)
+    to_run = [job for job in jobs if batch.records[job.number].status == "pending"]
     # Jobs of one net after one another: a worker's cache then holds the net for the next job too.
-    order = {key: i for i, key in enumerate(dict.fromkeys(model_key(job.options) for job in pending))}
-    pending = deque(sorted(pending, key=lambda job: order[model_key(job.options)]))
+    order = {key: i for i, key in enumerate(dict.fromkeys(model_key(job.options) for job in to_run))}
+    pending = deque(sorted(to_run, key=lambda job: order[model_key(job.options)]))
     batch.to_run = len(pending)
 
     if args.dry_run:
@@ -252,18 +238,16 @@ def run(args: argparse.Namespace, jobs: list[Job], task_function: TaskFunction) 
     started = time.time()
     interrupted = False
     if pending:
-        with contextlib.nullcontext() if args.dask_scheduler else child_thread_limits(threads):
+        with contextlib.ExitStack() as stack:
             if args.dask_scheduler:
                 say(f"connecting to the Dask scheduler at {args.dask_scheduler}")
                 backend: Backend = DaskBackend(args.dask_scheduler, args.threads, task_function)
             else:
+                stack.enter_context(child_thread_limits(threads))
                 backend = LocalBackend(workers, threads, task_function)
-            try:
-                with Interrupts() as interrupts:
-                    interrupted = batch.drive(backend, pending, args.threads if args.dask_scheduler else threads,
-                                              interrupts)
-            finally:
-                backend.close()
+            stack.callback(backend.close)
+            interrupted = batch.drive(backend, pending, args.threads if args.dask_scheduler else threads,
+                                      stack.enter_context(counted_interrupts()))
     summary, code = batch.summary(started, interrupted, mode)
     print(format_table(summary))
     try:

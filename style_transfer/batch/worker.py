@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,10 +52,8 @@ class Outcome:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-# Per worker process, most recently used last. A job holds the lock from start to end: torch already spreads one
-# job over the cores, the Caffe engine's blobs take one evaluation at a time, and Dask may run tasks in several
-# threads of one process.
-_MODELS: OrderedDict[tuple[Any, ...], StyleTransfer] = OrderedDict()
+# A job holds the lock from start to end: torch already spreads one job over the cores, the Caffe engine's blobs
+# take one evaluation at a time, and Dask may run tasks in several threads of one process.
 _JOB_LOCK = threading.Lock()
 
 
@@ -107,7 +105,9 @@ def _stylize(task: Task, report: dict[str, Any]) -> Outcome:
         run_options["init"] = _decode(task.init, opts["max_pixels"], notices)
 
     started = time.perf_counter()
-    model, fresh = _loaded_model(opts)
+    loads = _model.cache_info().misses
+    model = _model(model_key(opts))
+    fresh = _model.cache_info().misses > loads
     report["model_loaded_fresh"] = fresh
     report["model_load_seconds"] = time.perf_counter() - started if fresh else 0.0
     run = model.stylize(content, styles, **run_options)
@@ -124,20 +124,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _loaded_model(options: dict[str, Any]) -> tuple[StyleTransfer, bool]:
-    """The net for these options, loaded now (True) or kept from an earlier job of this process (False)."""
-    key = model_key(options)
-    model = _MODELS.get(key)
-    if model is not None:
-        _MODELS.move_to_end(key)
-        return model, False
+@functools.lru_cache(maxsize=MODEL_CACHE_SIZE)
+def _model(key: tuple[tuple[str, Any], ...]) -> StyleTransfer:
+    """The net for a model_key(), kept for the next jobs of this worker process (the most recently used few)."""
     from style_transfer.transfer import StyleTransfer
 
-    model = StyleTransfer(**values_for("model", options))
-    _MODELS[key] = model
-    while len(_MODELS) > MODEL_CACHE_SIZE:
-        _MODELS.popitem(last=False)
-    return model, True
+    return StyleTransfer(**dict(key))
 
 
 def _decode(item: InputFile, max_pixels: int, notices: list[str]) -> np.ndarray:
