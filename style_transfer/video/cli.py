@@ -17,7 +17,7 @@ from style_transfer import images
 from style_transfer.errors import StyleTransferError
 from style_transfer.openmp import prefer_short_spin
 from style_transfer.options import HelpFormatter, Parser, add_arguments, arg_type, defaults, number, values_for, whole
-from style_transfer.util import guarded, write_json
+from style_transfer.util import check_writable, guarded, write_json
 
 # Options of the still-image command that a clip uses as they are. Left out: -c (the input is the clip), -o (a
 # video here), --scales/--min-length (one scale per frame), --save-every/--animation/--report (per-frame reports
@@ -94,8 +94,8 @@ def make_plan(args: argparse.Namespace) -> Any:
         raise StyleTransferError("--work-dir is the output itself; give another folder")
     values = vars(args)
     independent = bool(args.independent)
-    plan = VideoPlan(input=Path(args.input), info=info, styles=styles, style_names=list(args.style), work=work,
-                     start=args.start, frames=frames, size=working_size(info.height, info.width, args.length),
+    plan = VideoPlan(input=Path(args.input), info=info, styles=styles, work=work, start=args.start,
+                     frames=frames, size=working_size(info.height, info.width, args.length),
                      iters=args.num_iters if independent else args.iters,
                      temporal_weight=0.0 if independent else args.temporal_weight, warp_init=not independent,
                      model_options=values_for("model", values), run_options=values_for("run", values))
@@ -104,11 +104,9 @@ def make_plan(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from style_transfer.transfer import StyleTransfer
-    from style_transfer.video.run import assemble, clip_summary, stylize_frames
+    from style_transfer.video.run import assemble, clip_summary, open_work, stylize_frames
 
     if args.report:
-        from style_transfer.util import check_writable
-
         check_writable(args.report, "--report")
     plan, output = make_plan(args)
     st = StyleTransfer(**plan.model_options)
@@ -129,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
     def on_step(step: Any) -> None:
         if args.verbose and step.evaluation is not None and step.iteration % 10 == 0:
             _say(f"  iter {step.iteration}: loss {step.evaluation.loss:.6g}")
-
-    from style_transfer.video.run import open_work
 
     done = open_work(plan)
     if done:

@@ -200,7 +200,7 @@ def _write_mp4(path: Path, frames: list[np.ndarray], rate: Fraction, audio: Audi
         video.width, video.height = first.shape[1], first.shape[0]
         video.pix_fmt = "yuv420p"
         video.options = {"crf": str(crf), "preset": "medium"}
-        source = audio_in = audio_out = None
+        audio_out = None
         if audio is not None:
             source = stack.enter_context(av.open(str(audio.path), mode="r"))
             if source.streams.audio:
@@ -216,7 +216,7 @@ def _write_mp4(path: Path, frames: list[np.ndarray], rate: Fraction, audio: Audi
             frame.time_base = 1 / rate
             out.mux(video.encode(frame))
         out.mux(video.encode(None))
-        if audio is not None and source is not None and audio_in is not None and audio_out is not None:
+        if audio is not None and audio_out is not None:
             _copy_audio(out, source, audio_in, audio_out, audio.start, audio.duration)
 
 
@@ -247,5 +247,5 @@ def _write_animated(path: Path, frames: Iterable[np.ndarray], rate: Fraction) ->
     if not pictures:
         raise ValueError("no frames to write")
     duration = max(20, round(1000 / float(rate)))  # browsers slow down GIF frames shorter than 20 ms
-    pictures[0].save(path, format=path.suffix[1:].upper().replace("JPG", "JPEG"), save_all=True,
+    pictures[0].save(path, format=path.suffix[1:].upper(), save_all=True,
                      append_images=pictures[1:], duration=duration, loop=0)

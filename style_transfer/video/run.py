@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ class VideoPlan:
     input: Path
     info: io.VideoInfo
     styles: list[np.ndarray]
-    style_names: list[str]
     work: Path
     start: int
     frames: int
@@ -99,10 +98,10 @@ def open_work(plan: VideoPlan) -> int:
             old = None
         if not isinstance(old, dict):
             raise StyleTransferError(f"{target} is unreadable; delete the work folder {plan.work} to start over")
-        changed = sorted(k for k in settings if old.get(k) != settings[k])
-        changed += sorted(f"options.{k}" for k in set(settings["options"]) | set(old.get("options") or {})
-                          if (old.get("options") or {}).get(k) != settings["options"].get(k))
-        changed = [c for c in changed if c != "options"]
+        old_options = old.get("options") or {}
+        changed = sorted(k for k in settings if k != "options" and old.get(k) != settings[k])
+        changed += sorted(f"options.{k}" for k in set(settings["options"]) | set(old_options)
+                          if old_options.get(k) != settings["options"].get(k))
         if changed:
             raise StyleTransferError(f"the work folder {plan.work} holds frames made with other settings "
                                      f"({', '.join(changed)}); delete it or give another --work-dir")
@@ -119,7 +118,6 @@ class FrameResult:
     index: int  # 0-based within the range
     loss: float | None
     seconds: float
-    report: dict[str, Any]
 
 
 @dataclass
@@ -127,7 +125,6 @@ class VideoResult:
     done: int  # frames finished, in the range
     interrupted: bool = False
     error: str | None = None
-    frames: list[FrameResult] = field(default_factory=list)
 
 
 def _load_rgb(path: Path) -> np.ndarray:
@@ -142,13 +139,6 @@ def _quantised(rgb: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.float32) / 255.0
 
 
-def input_frames(plan: VideoPlan) -> Iterator[np.ndarray]:
-    """The range's frames at the working size, RGB float32 in [0, 1]."""
-    h, w = plan.size
-    for frame in io.read_frames(plan.input, plan.start, plan.frames):
-        yield images.resize_to(frame.astype(np.float32) / 255.0, h, w)
-
-
 def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResult], None] | None = None,
                    on_step: Callable[[Any], None] | None = None) -> VideoResult:
     """Stylize the frames not yet done. Ctrl-C during a frame ends the run with the finished frames kept."""
@@ -159,19 +149,18 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
     previous_input: np.ndarray | None = None
     previous: np.ndarray | None = None
     length = max(plan.size)
-    for k, content in enumerate(input_frames(plan)):
+    for k, frame in enumerate(io.read_frames(plan.input, plan.start, plan.frames)):
+        content = images.resize_to(frame.astype(np.float32) / 255.0, *plan.size)
         if k < done:
             previous_input = content
             continue
-        if k >= plan.frames:
-            break
         if previous is None and k > 0:
             previous = _load_rgb(plan.frame_path(k - 1))
         started = time.perf_counter()
         options = {**plan.run_options, "length": length}
         temporal = None
         flow_stats: dict[str, Any] = {}
-        if k > 0 and previous is not None and previous_input is not None:
+        if previous is not None and previous_input is not None:
             backward = flow.flow(content, previous_input)
             forward = flow.flow(previous_input, content)
             occluded = flow.occlusions(backward, forward)
@@ -200,12 +189,9 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
         report = {**outcome.report, "frame": plan.start + k, "seconds_total": seconds, **flow_stats,
                   "temporal_weight": plan.temporal_weight if temporal is not None else 0.0}
         write_json(plan.report_path(k), report, "the frame report")
-        loss = outcome.evaluation.loss if outcome.evaluation is not None else None
-        frame = FrameResult(k, loss, seconds, report)
-        result.frames.append(frame)
         result.done = k + 1
         if on_frame is not None:
-            on_frame(frame)
+            on_frame(FrameResult(k, outcome.evaluation.loss if outcome.evaluation is not None else None, seconds))
         previous, previous_input = rgb, content
     return result
 
