@@ -116,12 +116,10 @@ class TilePlan:
 
 
 def _spans(size: int, core: int, halo_lo: int, halo_hi: int) -> tuple[Span, ...]:
-    starts = list(range(0, size, core))
     spans = []
-    for i, start in enumerate(starts):
+    for start in range(0, size, core):
         end = min(size, start + core)
-        last = i == len(starts) - 1
-        spans.append(Span(start, end, max(0, start - halo_lo), size if last else min(size, end + halo_hi), last))
+        spans.append(Span(start, end, max(0, start - halo_lo), min(size, end + halo_hi), end == size))
     return tuple(spans)
 
 
@@ -359,8 +357,7 @@ class TiledEvaluator(Evaluator):
             s = style_scale(plan.shapes[b][1:]) * obj.ratio * obj.style_weights[b]
             value, weights[b] = style_value_and_weight(grams[b], self.targets, b, s)
             terms[f"style:{b}"] = float(value)
-        for b in obj.content_weights:
-            terms[f"content:{b}"] = content[b]
+        terms |= {f"content:{b}": term for b, term in content.items()}
 
         # Pass 2: each tile's interior feature gradients back to its input.
         grad: np.ndarray | None = None
@@ -381,9 +378,8 @@ class TiledEvaluator(Evaluator):
                         if b in obj.content_weights:
                             target = torch.from_numpy(np.ascontiguousarray(obj.content_targets[b][:, gr, gc]))
                             g += obj.content_weights[b] * (fi - target.to(f.device, dtype))
-                        full = torch.zeros_like(f)
-                        full[0, :, lr, lc] = g.to(f.dtype)
-                        grads[b] = full
+                        grads[b] = torch.zeros_like(f)
+                        grads[b][0, :, lr, lc] = g.to(f.dtype)
                 return {}, grads
 
             _terms, _value, tile_grad = engine.vjp(tile.crop(image), self.blobs, feature_grads)
