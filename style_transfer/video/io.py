@@ -26,9 +26,8 @@ import numpy as np
 from style_transfer.errors import StyleTransferError
 from style_transfer.util import check_writable, one_line, reason
 
-VIDEO_FORMATS = (".mp4",)
 ANIMATED_FORMATS = (".gif", ".webp")
-OUTPUT_FORMATS = VIDEO_FORMATS + ANIMATED_FORMATS
+OUTPUT_FORMATS = (".mp4", *ANIMATED_FORMATS)
 
 # FFmpeg demuxers of still images: such an input is one picture, not a clip.
 _IMAGE_DEMUXERS = ("image2", "_pipe", "gif", "webp")

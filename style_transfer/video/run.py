@@ -134,11 +134,6 @@ def _load_rgb(path: Path) -> np.ndarray:
         return np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def _quantised(rgb: np.ndarray) -> np.ndarray:
-    """What a saved 8-bit frame reads back as."""
-    return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.float32) / 255.0
-
-
 def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResult], None] | None = None,
                    on_step: Callable[[Any], None] | None = None) -> VideoResult:
     """Stylize the frames not yet done. Ctrl-C during a frame ends the run with the finished frames kept."""
@@ -147,20 +142,16 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
     done = open_work(plan)
     result = VideoResult(done=done)
     previous_input: np.ndarray | None = None
-    previous: np.ndarray | None = None
-    length = max(plan.size)
     for k, frame in enumerate(io.read_frames(plan.input, plan.start, plan.frames)):
         content = images.resize_to(frame.astype(np.float32) / 255.0, *plan.size)
         if k < done:
             previous_input = content
             continue
-        if previous is None and k > 0:
-            previous = _load_rgb(plan.frame_path(k - 1))
         started = time.perf_counter()
-        options = {**plan.run_options, "length": length}
+        options = {**plan.run_options, "length": max(plan.size)}
         temporal = None
         flow_stats: dict[str, Any] = {}
-        if previous is not None and previous_input is not None:
+        if previous_input is not None:
             backward = flow.flow(content, previous_input)
             forward = flow.flow(previous_input, content)
             occluded = flow.occlusions(backward, forward)
@@ -169,7 +160,8 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
             flow_stats = {"reliable": float(mask.mean()), "new_shot": new_shot,
                           "flow_seconds": time.perf_counter() - started}
             if not new_shot:  # a new shot is stylized as the first frame is
-                warped = np.clip(flow.warp(previous, backward), 0.0, 1.0)
+                # The previous stylized frame as saved (8-bit), as a resumed run has it.
+                warped = np.clip(flow.warp(_load_rgb(plan.frame_path(k - 1)), backward), 0.0, 1.0)
                 options["num_iters"] = plan.iters
                 if plan.warp_init:
                     options["init"] = flow.warped_start(warped, content, occluded)
@@ -183,8 +175,7 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
         if outcome.failed:
             result.error = f"frame {plan.start + k}: {outcome.error}"
             return result
-        rgb = _quantised(outcome.rgb)
-        images.save_image(plan.frame_path(k), rgb)
+        images.save_image(plan.frame_path(k), outcome.rgb)
         seconds = time.perf_counter() - started
         report = {**outcome.report, "frame": plan.start + k, "seconds_total": seconds, **flow_stats,
                   "temporal_weight": plan.temporal_weight if temporal is not None else 0.0}
@@ -192,7 +183,7 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
         result.done = k + 1
         if on_frame is not None:
             on_frame(FrameResult(k, outcome.evaluation.loss if outcome.evaluation is not None else None, seconds))
-        previous, previous_input = rgb, content
+        previous_input = content
     return result
 
 
