@@ -115,14 +115,14 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     later: list[float] = []
 
-    def on_frame(frame: Any) -> None:
-        if frame.index > 0:
-            later.append(frame.seconds)
-        remaining = plan.frames - frame.index - 1
-        per_frame = sum(later) / len(later) if later else frame.seconds
-        loss = f"{frame.loss:.4g}" if frame.loss is not None else "?"
-        _say(f"frame {frame.index + 1}/{plan.frames} (#{plan.start + frame.index}): loss {loss}, "
-             f"{frame.seconds:.1f} s; ETA {_clock(remaining * per_frame)}")
+    def on_frame(index: int, loss: float | None, seconds: float) -> None:
+        if index > 0:
+            later.append(seconds)
+        remaining = plan.frames - index - 1
+        per_frame = sum(later) / len(later) if later else seconds
+        shown = f"{loss:.4g}" if loss is not None else "?"
+        _say(f"frame {index + 1}/{plan.frames} (#{plan.start + index}): loss {shown}, "
+             f"{seconds:.1f} s; ETA {_clock(remaining * per_frame)}")
 
     def on_step(step: Any) -> None:
         if args.verbose and step.evaluation is not None and step.iteration % 10 == 0:

@@ -28,6 +28,8 @@ from style_transfer.util import write_json
 from style_transfer.video import flow, io
 
 SETTINGS = "settings.json"
+# Told after each finished frame: its index in the range (0-based), its loss and its seconds.
+OnFrame = Callable[[int, float | None, float], None]
 
 
 @dataclass
@@ -114,13 +116,6 @@ def open_work(plan: VideoPlan) -> int:
 
 
 @dataclass
-class FrameResult:
-    index: int  # 0-based within the range
-    loss: float | None
-    seconds: float
-
-
-@dataclass
 class VideoResult:
     done: int  # frames finished, in the range
     interrupted: bool = False
@@ -134,7 +129,7 @@ def _load_rgb(path: Path) -> np.ndarray:
         return np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResult], None] | None = None,
+def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: OnFrame | None = None,
                    on_step: Callable[[Any], None] | None = None) -> VideoResult:
     """Stylize the frames not yet done. Ctrl-C during a frame ends the run with the finished frames kept."""
     from style_transfer.transfer import TemporalTarget
@@ -182,7 +177,7 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
         write_json(plan.report_path(k), report, "the frame report")
         result.done = k + 1
         if on_frame is not None:
-            on_frame(FrameResult(k, outcome.evaluation.loss if outcome.evaluation is not None else None, seconds))
+            on_frame(k, outcome.evaluation.loss if outcome.evaluation is not None else None, seconds)
         previous_input = content
     return result
 
