@@ -300,14 +300,13 @@ def tiled_grams(engine: Engine, image: np.ndarray, blobs: Sequence[str], plan: T
                 on_tile: OnTile | None = None) -> dict[str, np.ndarray]:
     """The Gram matrix F F^T of each blob of the whole image (losses.gram_numpy), summed over the tiles' interiors
     in float64."""
-    grams: dict[str, np.ndarray] = {}
+    grams = {b: np.zeros((plan.shapes[b][1],) * 2) for b in blobs}
     for k, tile in enumerate(plan.tiles, 1):
         feats = engine.features(tile.crop(image), blobs)
         for b in blobs:
             (lr, lc), _ = plan.interior(tile, b)
             f = np.ascontiguousarray(feats[b][:, lr, lc]).reshape(feats[b].shape[0], -1)
-            part = (f @ f.T).astype(np.float64)
-            grams[b] = grams[b] + part if b in grams else part
+            grams[b] += f @ f.T  # one product per tile in the engine's dtype
         if on_tile is not None:
             on_tile(1, k, plan.count)
     return {b: g.astype(np.float32) for b, g in grams.items()}

@@ -106,8 +106,7 @@ def read_frames(path: str | os.PathLike[str], start: int = 0, count: int | None 
     most."""
     if count is not None and count <= 0:
         return
-    target = Path(path)
-    with _reading(target) as container:
+    with _reading(Path(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
