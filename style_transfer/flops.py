@@ -90,8 +90,7 @@ def count(net: Net, height: int, width: int, style_layers: Iterable[str] = (),
     targets = set(wanted) if wanted is not None else set(writer)
     feeds_loss = [False] * len(net.layers)
     for i in reversed(range(len(net.layers))):
-        layer = net.layers[i]
-        final = any(writer.get(t) == i and t in targets for t in layer.tops)
+        final = any(writer.get(t) == i and t in targets for t in net.layers[i].tops)
         feeds_loss[i] = final or any(feeds_loss[r] for r in readers_of[i])
 
     work = Work()

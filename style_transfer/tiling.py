@@ -201,8 +201,7 @@ def run_bytes(net: Net, height: int, width: int, lbfgs_memory: int, kept: int = 
 
 
 def blob_bytes(net: Net, pooling: str | None, height: int, width: int, blobs: Sequence[str] | None = None) -> int:
-    """Float32 bytes of these blobs (all by default) for an image of this size (e.g. the content targets a run
-    keeps)."""
+    """Float32 bytes of these blobs (all by default) at this image size, e.g. the content targets a run keeps."""
     shapes = infer_shapes(net, (1, 3, height, width), pooling)
     return 4 * sum(math.prod(shapes[b]) for b in (shapes if blobs is None else blobs))
 

@@ -102,8 +102,7 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
 
 
 def read_frames(path: str | os.PathLike[str], start: int = 0, count: int | None = None) -> Iterator[np.ndarray]:
-    """Frames start, start + 1, ... (0-based, in presentation order) as RGB uint8 arrays; `count` of them at
-    most."""
+    """Frames start, start + 1, ... (0-based, in presentation order) as RGB uint8 arrays; at most `count`."""
     if count is not None and count <= 0:
         return
     with _reading(Path(path)) as container:

@@ -191,11 +191,10 @@ def assemble(plan: VideoPlan, output: Path) -> list[str]:
 def clip_summary(plan: VideoPlan) -> dict[str, Any]:
     """Per-frame reports of the range gathered: losses, seconds, and means after the first frame."""
     reports = [json.loads(plan.report_path(k).read_text()) for k in range(plan.frames)]
-    later = reports[1:] or reports
+    later = reports[1:] or reports  # a range has at least one frame (cli.make_plan)
     return {"frames": len(reports), "fps": str(Fraction(plan.info.fps)), "width": plan.size[1],
-            "height": plan.size[0], "start": plan.start,
-            "seconds_first": reports[0]["seconds_total"] if reports else None,
-            "seconds_per_frame_after_first": float(np.mean([r["seconds_total"] for r in later])) if later else None,
-            "mean_style_loss": float(np.mean([r["style_loss"] or 0.0 for r in reports])) if reports else None,
+            "height": plan.size[0], "start": plan.start, "seconds_first": reports[0]["seconds_total"],
+            "seconds_per_frame_after_first": float(np.mean([r["seconds_total"] for r in later])),
+            "mean_style_loss": float(np.mean([r["style_loss"] or 0.0 for r in reports])),
             "per_frame": [{k: r.get(k) for k in ("frame", "loss", "style_loss", "content_loss", "temporal_loss",
                                                   "reliable", "seconds_total")} for r in reports]}
