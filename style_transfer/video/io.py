@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from style_transfer.errors import StyleTransferError
-from style_transfer.util import check_writable, one_line, reason
+from style_transfer.util import check_writable, reason
 
 ANIMATED_FORMATS = (".gif", ".webp")
 OUTPUT_FORMATS = (".mp4", *ANIMATED_FORMATS)
@@ -70,11 +70,11 @@ def _reading(path: Path) -> Iterator[Any]:
     try:
         container = av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise VideoError(f"{path} is not a readable video: {one_line(reason(exc))}") from None
+        raise VideoError(f"{path} is not a readable video: {reason(exc)}") from None
     try:
         yield container
     except av.FFmpegError as exc:
-        raise VideoError(f"{path}: cannot decode: {one_line(reason(exc))}") from None
+        raise VideoError(f"{path}: cannot decode: {reason(exc)}") from None
     finally:
         container.close()
 
@@ -159,22 +159,19 @@ def write_video(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps:
             except _AudioCopyError as exc:
                 notices.append(f"the input's sound ({exc}) cannot be copied into an mp4; written without sound")
                 _write_mp4(Path(temp_name), frames, rate, None, crf)
-        os.chmod(temp_name, 0o666 & ~_umask())
+        # mkstemp makes the file private; the video gets any new file's mode (the umask is read by setting it).
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(temp_name, 0o666 & ~mask)
         os.replace(temp_name, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp_name)
         av = _av()
         if isinstance(exc, (OSError, av.FFmpegError, ValueError)):
-            raise VideoError(f"cannot write {target}: {one_line(reason(exc))}") from None
+            raise VideoError(f"cannot write {target}: {reason(exc)}") from None
         raise
     return notices
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _AudioCopyError(Exception):
