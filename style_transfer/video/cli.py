@@ -92,13 +92,12 @@ def make_plan(args: argparse.Namespace) -> Any:
     work = Path(args.work_dir) if args.work_dir else output.with_name(output.name + ".work")
     if work.resolve() == output.resolve():
         raise StyleTransferError("--work-dir is the output itself; give another folder")
-    values = vars(args)
     independent = bool(args.independent)
     plan = VideoPlan(input=Path(args.input), info=info, styles=styles, work=work, start=args.start,
                      frames=frames, size=working_size(info.height, info.width, args.length),
                      iters=args.num_iters if independent else args.iters,
                      temporal_weight=0.0 if independent else args.temporal_weight, warp_init=not independent,
-                     model_options=values_for("model", values), run_options=values_for("run", values))
+                     model_options=values_for("model", vars(args)), run_options=values_for("run", vars(args)))
     return plan, output
 
 
