@@ -14,10 +14,9 @@ FLOPs are 2 per multiply-add. Element-wise layers, pooling and LRN are memory-bo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from style_transfer.caffe_model.net import Net, conv_geometry, infer_shapes, truncate
 
@@ -34,27 +33,22 @@ class LayerWork:
 class Work:
     layers: list[LayerWork] = field(default_factory=list)
 
-    def _sum(self, kinds: Iterable[str], forward: bool, backward: bool) -> int:
-        wanted = set(kinds)
-        return sum((w.forward_macs if forward else 0) + (w.backward_macs if backward else 0)
-                   for w in self.layers if w.kind in wanted)
-
     @property
     def conv_forward_macs(self) -> int:
-        return self._sum(("conv",), True, False)
+        return sum(w.forward_macs for w in self.layers if w.kind == "conv")
 
     @property
     def conv_backward_macs(self) -> int:
-        return self._sum(("conv",), False, True)
+        return sum(w.backward_macs for w in self.layers if w.kind == "conv")
 
     @property
     def gram_macs(self) -> int:
-        return self._sum(("gram",), True, True)
+        return sum(w.forward_macs + w.backward_macs for w in self.layers if w.kind == "gram")
 
     @property
     def forward_macs(self) -> int:
         """Every counted layer's forward work (convolutions and fully connected layers; no Gram matrices)."""
-        return self._sum(("conv", "fc"), True, False)
+        return sum(w.forward_macs for w in self.layers if w.kind != "gram")
 
     @property
     def conv_flops(self) -> int:
@@ -76,10 +70,9 @@ def count(net: Net, height: int, width: int, style_layers: Iterable[str] = (),
     when its input depends on the image and its output reaches a loss blob.
     """
     style = list(style_layers)
-    wanted = list(loss_blobs) if loss_blobs is not None else None
+    wanted = None if loss_blobs is None else [*loss_blobs, *style]
     if wanted is not None:
-        net = truncate(net, [*wanted, *style])
-        wanted = [*wanted, *style]
+        net = truncate(net, wanted)
     shapes = infer_shapes(net, (1, 3, height, width), pooling)
     # Blob names are reused by in-place layers, so data flow is tracked per layer, not per name.
     depends_on_image: list[bool] = []
@@ -97,25 +90,21 @@ def count(net: Net, height: int, width: int, style_layers: Iterable[str] = (),
     targets = set(wanted) if wanted is not None else set(writer)
     feeds_loss = [False] * len(net.layers)
     for i in reversed(range(len(net.layers))):
-        layer = net.layers[i]
-        final = any(writer.get(t) == i and t in targets for t in layer.tops)
+        final = any(writer.get(t) == i and t in targets for t in net.layers[i].tops)
         feeds_loss[i] = final or any(feeds_loss[r] for r in readers_of[i])
 
     work = Work()
     for i, layer in enumerate(net.layers):
+        if layer.type not in ("Convolution", "InnerProduct"):
+            continue
+        bottom, out = shapes[layer.bottoms[0]], shapes[layer.tops[0]]
         if layer.type == "Convolution":
-            n, c_in, _h, _w = shapes[layer.bottoms[0]]
-            _n, c_out, h_out, w_out = shapes[layer.tops[0]]
             g = conv_geometry(layer)
-            macs = n * c_out * h_out * w_out * (c_in // g.group) * g.kernel[0] * g.kernel[1]
-            backward = macs if depends_on_image[i] and feeds_loss[i] else 0
-            work.layers.append(LayerWork(layer.name, "conv", macs, backward))
-        elif layer.type == "InnerProduct":
-            bottom = shapes[layer.bottoms[0]]
-            out = shapes[layer.tops[0]]
-            macs = bottom[0] * int(np.prod(bottom[1:])) * out[1]
-            backward = macs if depends_on_image[i] and feeds_loss[i] else 0
-            work.layers.append(LayerWork(layer.name, "fc", macs, backward))
+            kind, macs = "conv", math.prod(out) * (bottom[1] // g.group) * g.kernel[0] * g.kernel[1]
+        else:
+            kind, macs = "fc", math.prod(bottom) * out[1]
+        backward = macs if depends_on_image[i] and feeds_loss[i] else 0
+        work.layers.append(LayerWork(layer.name, kind, macs, backward))
     for blob in style:
         _n, c, h, w = shapes[blob]
         macs = c * c * h * w

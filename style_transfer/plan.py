@@ -42,7 +42,17 @@ def scale_plan(length: int, scales: int | str, min_length: int | None, iteration
       At most about 1.2x above the smallest size it is the single-scale run.
     """
     if scales == AUTO:
-        return _auto_plan(length, min_length, iterations)
+        if min_length is not None:
+            _check_min_length(min_length, length)
+        smallest = AUTO_SMALLEST if min_length is None else min_length
+        if length <= smallest * AUTO_SINGLE:
+            return [(length, iterations)]
+        count_ = 1 + math.ceil(math.log2(length / smallest) - math.log2(AUTO_SINGLE))
+        sizes = _geometric(smallest, length, count_)
+        if iterations < count_:
+            raise StyleTransferError(f"-n/--num-iters {iterations} is fewer than the {count_} scales of --scales "
+                                     f"auto ({', '.join(map(str, sizes))} px): each scale needs at least one iteration")
+        return _split(sizes, iterations, 2.0)
     assert isinstance(scales, int)  # options.py has checked: a whole number >= 1, or "auto"
     if scales == 1:
         if min_length is not None:
@@ -59,20 +69,6 @@ def scale_plan(length: int, scales: int | str, min_length: int | None, iteration
         raise StyleTransferError(f"--scales {scales} from {given} to --length {length} repeats sizes "
                                  f"({', '.join(map(str, sizes))}); use fewer scales or a smaller --min-length")
     return _split(sizes, iterations, 1.0)
-
-
-def _auto_plan(length: int, min_length: int | None, iterations: int) -> list[tuple[int, int]]:
-    if min_length is not None:
-        _check_min_length(min_length, length)
-    smallest = AUTO_SMALLEST if min_length is None else min_length
-    if length <= smallest * AUTO_SINGLE:
-        return [(length, iterations)]
-    count_ = 1 + math.ceil(math.log2(length / smallest) - math.log2(AUTO_SINGLE))
-    sizes = _geometric(smallest, length, count_)
-    if iterations < count_:
-        raise StyleTransferError(f"-n/--num-iters {iterations} is fewer than the {count_} scales of --scales auto "
-                                 f"({', '.join(map(str, sizes))} px): each scale needs at least one iteration")
-    return _split(sizes, iterations, 2.0)
 
 
 def _check_min_length(smallest: int, length: int) -> None:
@@ -253,10 +249,9 @@ class Clock:
 
     def per_iteration(self) -> float:
         """Evaluations per iteration, beyond the one each scale makes at its start."""
-        started = self.scale + 1
         if self.iterations < 3:
             return EVALUATIONS_PER_ITERATION
-        return max(1.0, (self.evaluations - started) / self.iterations)
+        return max(1.0, (self.evaluations - self.scale - 1) / self.iterations)
 
     def remaining_flops(self) -> float:
         epi = self.per_iteration()

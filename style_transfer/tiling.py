@@ -19,6 +19,7 @@ windows would read the tile's artificial padding are never interior.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import functools
@@ -115,37 +116,32 @@ class TilePlan:
 
 
 def _spans(size: int, core: int, halo_lo: int, halo_hi: int) -> tuple[Span, ...]:
-    starts = list(range(0, size, core))
     spans = []
-    for i, start in enumerate(starts):
+    for start in range(0, size, core):
         end = min(size, start + core)
-        last = i == len(starts) - 1
-        spans.append(Span(start, end, max(0, start - halo_lo), size if last else min(size, end + halo_hi), last))
+        spans.append(Span(start, end, max(0, start - halo_lo), min(size, end + halo_hi), end == size))
     return tuple(spans)
 
 
-def alignment(reach: dict[str, Reach]) -> tuple[int, int]:
-    """The stride tile origins are multiples of: the least common multiple of every blob's stride, per axis."""
-    return (math.lcm(*(r.stride[0] for r in reach.values())), math.lcm(*(r.stride[1] for r in reach.values())))
-
-
-def halos(reach: dict[str, Reach], blobs: Sequence[str], align: tuple[int, int]) -> tuple[tuple[int, int], ...]:
-    """Per axis (before, after): how far a tile reaches beyond its core. The leading halo is rounded up to the
-    alignment so that tile origins stay aligned."""
-    out = []
+def _geometry(net: Net, pooling: str | None, blobs: Sequence[str]
+              ) -> tuple[dict[str, Reach], tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]:
+    """Every blob's reach; the stride tile origins are multiples of (the least common multiple of every blob's
+    stride, per axis); and per axis (before, after), how far a tile reaches beyond its core. The leading halo is
+    rounded up to the alignment so that tile origins stay aligned."""
+    reach = reaches(net, pooling)
+    align = (math.lcm(*(r.stride[0] for r in reach.values())), math.lcm(*(r.stride[1] for r in reach.values())))
+    halo = []
     for axis in (0, 1):
         before = max(max(0, -reach[b].lo[axis]) for b in blobs)
         after = max(max(0, reach[b].hi[axis] - reach[b].stride[axis] + 1) for b in blobs)
-        out.append((-(-before // align[axis]) * align[axis], after))
-    return tuple(out)
+        halo.append((-(-before // align[axis]) * align[axis], after))
+    return reach, align, (halo[0], halo[1])
 
 
 def plan_tiles(net: Net, pooling: str | None, height: int, width: int, blobs: Sequence[str],
                core: tuple[int, int]) -> TilePlan:
     """Tiles whose cores are `core` (rounded up to the alignment) for an image of `height` x `width`."""
-    reach = reaches(net, pooling)
-    align = alignment(reach)
-    (lo_h, hi_h), (lo_w, hi_w) = halos(reach, blobs, align)
+    reach, align, ((lo_h, hi_h), (lo_w, hi_w)) = _geometry(net, pooling, blobs)
     core_h = max(align[0], -(-core[0] // align[0]) * align[0])
     core_w = max(align[1], -(-core[1] // align[1]) * align[1])
     rows, cols = _spans(height, core_h, lo_h, hi_h), _spans(width, core_w, lo_w, hi_w)
@@ -179,8 +175,7 @@ ACTIVATION_FACTOR = 5.0
 
 def evaluation_bytes(net: Net, pooling: str | None, height: int, width: int) -> int:
     """Estimated peak memory of one evaluation of an image of this size."""
-    shapes = infer_shapes(net, (1, 3, height, width), pooling)
-    return int(ACTIVATION_FACTOR * 4 * sum(math.prod(s) for s in shapes.values()))
+    return int(ACTIVATION_FACTOR * blob_bytes(net, pooling, height, width))
 
 
 # Bytes per image value (there are 3 H W) a run keeps beside setulb's work array while it evaluates: setulb's iterate
@@ -205,10 +200,10 @@ def run_bytes(net: Net, height: int, width: int, lbfgs_memory: int, kept: int = 
     return 8 * optimize.workspace_doubles(n, lbfgs_memory) + per_value * n + kept + weights
 
 
-def blob_bytes(net: Net, pooling: str | None, height: int, width: int, blobs: Sequence[str]) -> int:
-    """Float32 bytes of these blobs for an image of this size (e.g. the content targets a run keeps)."""
+def blob_bytes(net: Net, pooling: str | None, height: int, width: int, blobs: Sequence[str] | None = None) -> int:
+    """Float32 bytes of these blobs (all by default) at this image size, e.g. the content targets a run keeps."""
     shapes = infer_shapes(net, (1, 3, height, width), pooling)
-    return 4 * sum(math.prod(shapes[b]) for b in blobs)
+    return 4 * sum(math.prod(shapes[b]) for b in (shapes if blobs is None else blobs))
 
 
 def resident_bytes() -> int:
@@ -263,28 +258,20 @@ def choose_tiles(net: Net, pooling: str | None, height: int, width: int, blobs: 
     room = budget - fixed
     if evaluation_bytes(net, pooling, height, width) <= room:
         return None
-    reach = reaches(net, pooling)
-    align = alignment(reach)
-    (lo_h, hi_h), (lo_w, hi_w) = halos(reach, blobs, align)
+    _reach, align, ((lo_h, hi_h), (lo_w, hi_w)) = _geometry(net, pooling, blobs)
 
     def tile_bytes(k: int) -> int:
         return evaluation_bytes(net, pooling, min(height, k * align[0] + lo_h + hi_h),
                                 min(width, k * align[1] + lo_w + hi_w))
 
     if tile_bytes(1) > room:
-        need = (fixed + tile_bytes(1)) / GB
-        need = math.ceil(need * 100) / 100
+        need = math.ceil((fixed + tile_bytes(1)) / GB * 100) / 100
         raise StyleTransferError(f"{what or 'the memory available'} is too small for a {width}x{height} image with "
                                  f"this net: even the smallest tile needs {need:g} GB in all; give --max-memory "
                                  f"{need:g} or more")
-    lo, hi = 1, max(-(-height // align[0]), -(-width // align[1]))
-    while lo < hi:  # the largest k whose tile fits
-        mid = (lo + hi + 1) // 2
-        if tile_bytes(mid) <= room:
-            lo = mid
-        else:
-            hi = mid - 1
-    return plan_tiles(net, pooling, height, width, blobs, (lo * align[0], lo * align[1]))
+    # The largest k whose tile fits (tile_bytes grows with k).
+    k = bisect.bisect_right(range(1, max(-(-height // align[0]), -(-width // align[1])) + 1), room, key=tile_bytes)
+    return plan_tiles(net, pooling, height, width, blobs, (k * align[0], k * align[1]))
 
 
 # ----------------------------------------------------------------------------------------------- targets
@@ -312,14 +299,13 @@ def tiled_grams(engine: Engine, image: np.ndarray, blobs: Sequence[str], plan: T
                 on_tile: OnTile | None = None) -> dict[str, np.ndarray]:
     """The Gram matrix F F^T of each blob of the whole image (losses.gram_numpy), summed over the tiles' interiors
     in float64."""
-    grams: dict[str, np.ndarray] = {}
+    grams = {b: np.zeros((plan.shapes[b][1],) * 2) for b in blobs}
     for k, tile in enumerate(plan.tiles, 1):
         feats = engine.features(tile.crop(image), blobs)
         for b in blobs:
             (lr, lc), _ = plan.interior(tile, b)
             f = np.ascontiguousarray(feats[b][:, lr, lc]).reshape(feats[b].shape[0], -1)
-            part = (f @ f.T).astype(np.float64)
-            grams[b] = grams[b] + part if b in grams else part
+            grams[b] += f @ f.T  # one product per tile in the engine's dtype
         if on_tile is not None:
             on_tile(1, k, plan.count)
     return {b: g.astype(np.float32) for b, g in grams.items()}
@@ -341,7 +327,6 @@ class TiledEvaluator(Evaluator):
         self.targets = TorchTargets.of(replace(objective, content_targets={}),
                                        lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64)),
                                        torch.contiguous_format)
-        self.content = dict(objective.content_targets)
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
         obj, plan, engine = self.objective, self.plan, self.engine
@@ -359,7 +344,7 @@ class TiledEvaluator(Evaluator):
                 grams[b] += torch.mm(f, f.t()).double()  # one product per tile in the engine's dtype
             for b, w in obj.content_weights.items():
                 (lr, lc), (gr, gc) = plan.interior(tile, b)
-                diff = (feats[b][:, lr, lc] - self.content[b][:, gr, gc]).astype(np.float64)
+                diff = (feats[b][:, lr, lc] - obj.content_targets[b][:, gr, gc]).astype(np.float64)
                 content[b] += 0.5 * w * float(np.vdot(diff, diff))
             del feats
             if self.on_tile is not None:
@@ -370,8 +355,7 @@ class TiledEvaluator(Evaluator):
             s = style_scale(plan.shapes[b][1:]) * obj.ratio * obj.style_weights[b]
             value, weights[b] = style_value_and_weight(grams[b], self.targets, b, s)
             terms[f"style:{b}"] = float(value)
-        for b in obj.content_weights:
-            terms[f"content:{b}"] = content[b]
+        terms |= {f"content:{b}": term for b, term in content.items()}
 
         # Pass 2: each tile's interior feature gradients back to its input.
         grad: np.ndarray | None = None
@@ -386,16 +370,14 @@ class TiledEvaluator(Evaluator):
                         # Half-precision features (autocast) meet their gradients in float32.
                         dtype = torch.promote_types(f.dtype, torch.float32)
                         fi = f[0, :, lr, lc].to(dtype)
-                        g = torch.zeros(fi.shape, dtype=dtype, device=f.device)
+                        g = torch.zeros_like(fi)
                         if b in weights:
-                            c = fi.shape[0]
-                            g += (weights[b].to(f.device, dtype) @ fi.reshape(c, -1)).reshape(fi.shape)
+                            g += (weights[b].to(f.device, dtype) @ fi.reshape(len(fi), -1)).reshape(fi.shape)
                         if b in obj.content_weights:
-                            target = torch.from_numpy(np.ascontiguousarray(self.content[b][:, gr, gc]))
+                            target = torch.from_numpy(np.ascontiguousarray(obj.content_targets[b][:, gr, gc]))
                             g += obj.content_weights[b] * (fi - target.to(f.device, dtype))
-                        full = torch.zeros_like(f)
-                        full[0, :, lr, lc] = g.to(f.dtype)
-                        grads[b] = full
+                        grads[b] = torch.zeros_like(f)
+                        grads[b][0, :, lr, lc] = g.to(f.dtype)
                 return {}, grads
 
             _terms, _value, tile_grad = engine.vjp(tile.crop(image), self.blobs, feature_grads)

@@ -17,7 +17,7 @@ from style_transfer import images
 from style_transfer.errors import StyleTransferError
 from style_transfer.openmp import prefer_short_spin
 from style_transfer.options import HelpFormatter, Parser, add_arguments, arg_type, defaults, number, values_for, whole
-from style_transfer.util import guarded, write_json
+from style_transfer.util import check_writable, guarded, write_json
 
 # Options of the still-image command that a clip uses as they are. Left out: -c (the input is the clip), -o (a
 # video here), --scales/--min-length (one scale per frame), --save-every/--animation/--report (per-frame reports
@@ -92,23 +92,20 @@ def make_plan(args: argparse.Namespace) -> Any:
     work = Path(args.work_dir) if args.work_dir else output.with_name(output.name + ".work")
     if work.resolve() == output.resolve():
         raise StyleTransferError("--work-dir is the output itself; give another folder")
-    values = vars(args)
     independent = bool(args.independent)
-    plan = VideoPlan(input=Path(args.input), info=info, styles=styles, style_names=list(args.style), work=work,
-                     start=args.start, frames=frames, size=working_size(info.height, info.width, args.length),
+    plan = VideoPlan(input=Path(args.input), info=info, styles=styles, work=work, start=args.start,
+                     frames=frames, size=working_size(info.height, info.width, args.length),
                      iters=args.num_iters if independent else args.iters,
                      temporal_weight=0.0 if independent else args.temporal_weight, warp_init=not independent,
-                     model_options=values_for("model", values), run_options=values_for("run", values))
+                     model_options=values_for("model", vars(args)), run_options=values_for("run", vars(args)))
     return plan, output
 
 
 def run(args: argparse.Namespace) -> int:
     from style_transfer.transfer import StyleTransfer
-    from style_transfer.video.run import assemble, clip_summary, stylize_frames
+    from style_transfer.video.run import assemble, clip_summary, open_work, stylize_frames
 
     if args.report:
-        from style_transfer.util import check_writable
-
         check_writable(args.report, "--report")
     plan, output = make_plan(args)
     st = StyleTransfer(**plan.model_options)
@@ -117,20 +114,18 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     later: list[float] = []
 
-    def on_frame(frame: Any) -> None:
-        if frame.index > 0:
-            later.append(frame.seconds)
-        remaining = plan.frames - frame.index - 1
-        per_frame = sum(later) / len(later) if later else frame.seconds
-        loss = f"{frame.loss:.4g}" if frame.loss is not None else "?"
-        _say(f"frame {frame.index + 1}/{plan.frames} (#{plan.start + frame.index}): loss {loss}, "
-             f"{frame.seconds:.1f} s; ETA {_clock(remaining * per_frame)}")
+    def on_frame(index: int, loss: float | None, seconds: float) -> None:
+        if index > 0:
+            later.append(seconds)
+        remaining = plan.frames - index - 1
+        per_frame = sum(later) / len(later) if later else seconds
+        shown = f"{loss:.4g}" if loss is not None else "?"
+        _say(f"frame {index + 1}/{plan.frames} (#{plan.start + index}): loss {shown}, "
+             f"{seconds:.1f} s; ETA {_clock(remaining * per_frame)}")
 
     def on_step(step: Any) -> None:
         if args.verbose and step.evaluation is not None and step.iteration % 10 == 0:
             _say(f"  iter {step.iteration}: loss {step.evaluation.loss:.6g}")
-
-    from style_transfer.video.run import open_work
 
     done = open_work(plan)
     if done:

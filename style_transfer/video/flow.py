@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from style_transfer.colors import match_colors
+from style_transfer.errors import StyleTransferError
 
 # Ruder et al.'s thresholds for |w + w~|^2 > a (|w|^2 + |w~|^2) + b and |grad w~|^2 > c |w~|^2 + d.
 OCCLUSION_RELATIVE = 0.01
@@ -30,8 +31,6 @@ def _cv2() -> Any:
     try:
         import cv2
     except ImportError:
-        from style_transfer.errors import StyleTransferError
-
         raise StyleTransferError("video needs OpenCV: pip install opencv-python-headless") from None
     return cv2
 

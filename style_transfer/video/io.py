@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 
 from style_transfer.errors import StyleTransferError
-from style_transfer.util import check_writable, one_line, reason
+from style_transfer.util import check_writable, reason
 
-VIDEO_FORMATS = (".mp4",)
 ANIMATED_FORMATS = (".gif", ".webp")
-OUTPUT_FORMATS = VIDEO_FORMATS + ANIMATED_FORMATS
+OUTPUT_FORMATS = (".mp4", *ANIMATED_FORMATS)
 
 # FFmpeg demuxers of still images: such an input is one picture, not a clip.
 _IMAGE_DEMUXERS = ("image2", "_pipe", "gif", "webp")
@@ -71,11 +70,11 @@ def _reading(path: Path) -> Iterator[Any]:
     try:
         container = av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise VideoError(f"{path} is not a readable video: {one_line(reason(exc))}") from None
+        raise VideoError(f"{path} is not a readable video: {reason(exc)}") from None
     try:
         yield container
     except av.FFmpegError as exc:
-        raise VideoError(f"{path}: cannot decode: {one_line(reason(exc))}") from None
+        raise VideoError(f"{path}: cannot decode: {reason(exc)}") from None
     finally:
         container.close()
 
@@ -103,12 +102,10 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
 
 
 def read_frames(path: str | os.PathLike[str], start: int = 0, count: int | None = None) -> Iterator[np.ndarray]:
-    """Frames start, start + 1, ... (0-based, in presentation order) as RGB uint8 arrays; `count` of them at
-    most."""
+    """Frames start, start + 1, ... (0-based, in presentation order) as RGB uint8 arrays; at most `count`."""
     if count is not None and count <= 0:
         return
-    target = Path(path)
-    with _reading(target) as container:
+    with _reading(Path(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
@@ -162,22 +159,19 @@ def write_video(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps:
             except _AudioCopyError as exc:
                 notices.append(f"the input's sound ({exc}) cannot be copied into an mp4; written without sound")
                 _write_mp4(Path(temp_name), frames, rate, None, crf)
-        os.chmod(temp_name, 0o666 & ~_umask())
+        # mkstemp makes the file private; the video gets any new file's mode (the umask is read by setting it).
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(temp_name, 0o666 & ~mask)
         os.replace(temp_name, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp_name)
         av = _av()
         if isinstance(exc, (OSError, av.FFmpegError, ValueError)):
-            raise VideoError(f"cannot write {target}: {one_line(reason(exc))}") from None
+            raise VideoError(f"cannot write {target}: {reason(exc)}") from None
         raise
     return notices
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _AudioCopyError(Exception):
@@ -200,7 +194,7 @@ def _write_mp4(path: Path, frames: list[np.ndarray], rate: Fraction, audio: Audi
         video.width, video.height = first.shape[1], first.shape[0]
         video.pix_fmt = "yuv420p"
         video.options = {"crf": str(crf), "preset": "medium"}
-        source = audio_in = audio_out = None
+        audio_out = None
         if audio is not None:
             source = stack.enter_context(av.open(str(audio.path), mode="r"))
             if source.streams.audio:
@@ -216,7 +210,7 @@ def _write_mp4(path: Path, frames: list[np.ndarray], rate: Fraction, audio: Audi
             frame.time_base = 1 / rate
             out.mux(video.encode(frame))
         out.mux(video.encode(None))
-        if audio is not None and source is not None and audio_in is not None and audio_out is not None:
+        if audio is not None and audio_out is not None:
             _copy_audio(out, source, audio_in, audio_out, audio.start, audio.duration)
 
 
@@ -247,5 +241,5 @@ def _write_animated(path: Path, frames: Iterable[np.ndarray], rate: Fraction) ->
     if not pictures:
         raise ValueError("no frames to write")
     duration = max(20, round(1000 / float(rate)))  # browsers slow down GIF frames shorter than 20 ms
-    pictures[0].save(path, format=path.suffix[1:].upper().replace("JPG", "JPEG"), save_all=True,
+    pictures[0].save(path, format=path.suffix[1:].upper(), save_all=True,
                      append_images=pictures[1:], duration=duration, loop=0)

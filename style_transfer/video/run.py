@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from style_transfer.util import write_json
 from style_transfer.video import flow, io
 
 SETTINGS = "settings.json"
+# Told after each finished frame: its index in the range (0-based), its loss and its seconds.
+OnFrame = Callable[[int, float | None, float], None]
 
 
 @dataclass
@@ -37,7 +39,6 @@ class VideoPlan:
     input: Path
     info: io.VideoInfo
     styles: list[np.ndarray]
-    style_names: list[str]
     work: Path
     start: int
     frames: int
@@ -99,10 +100,10 @@ def open_work(plan: VideoPlan) -> int:
             old = None
         if not isinstance(old, dict):
             raise StyleTransferError(f"{target} is unreadable; delete the work folder {plan.work} to start over")
-        changed = sorted(k for k in settings if old.get(k) != settings[k])
-        changed += sorted(f"options.{k}" for k in set(settings["options"]) | set(old.get("options") or {})
-                          if (old.get("options") or {}).get(k) != settings["options"].get(k))
-        changed = [c for c in changed if c != "options"]
+        old_options = old.get("options") or {}
+        changed = sorted(k for k in settings if k != "options" and old.get(k) != settings[k])
+        changed += sorted(f"options.{k}" for k in set(settings["options"]) | set(old_options)
+                          if old_options.get(k) != settings["options"].get(k))
         if changed:
             raise StyleTransferError(f"the work folder {plan.work} holds frames made with other settings "
                                      f"({', '.join(changed)}); delete it or give another --work-dir")
@@ -115,19 +116,10 @@ def open_work(plan: VideoPlan) -> int:
 
 
 @dataclass
-class FrameResult:
-    index: int  # 0-based within the range
-    loss: float | None
-    seconds: float
-    report: dict[str, Any]
-
-
-@dataclass
 class VideoResult:
     done: int  # frames finished, in the range
     interrupted: bool = False
     error: str | None = None
-    frames: list[FrameResult] = field(default_factory=list)
 
 
 def _load_rgb(path: Path) -> np.ndarray:
@@ -137,19 +129,7 @@ def _load_rgb(path: Path) -> np.ndarray:
         return np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def _quantised(rgb: np.ndarray) -> np.ndarray:
-    """What a saved 8-bit frame reads back as."""
-    return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.float32) / 255.0
-
-
-def input_frames(plan: VideoPlan) -> Iterator[np.ndarray]:
-    """The range's frames at the working size, RGB float32 in [0, 1]."""
-    h, w = plan.size
-    for frame in io.read_frames(plan.input, plan.start, plan.frames):
-        yield images.resize_to(frame.astype(np.float32) / 255.0, h, w)
-
-
-def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResult], None] | None = None,
+def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: OnFrame | None = None,
                    on_step: Callable[[Any], None] | None = None) -> VideoResult:
     """Stylize the frames not yet done. Ctrl-C during a frame ends the run with the finished frames kept."""
     from style_transfer.transfer import TemporalTarget
@@ -157,21 +137,16 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
     done = open_work(plan)
     result = VideoResult(done=done)
     previous_input: np.ndarray | None = None
-    previous: np.ndarray | None = None
-    length = max(plan.size)
-    for k, content in enumerate(input_frames(plan)):
+    for k, frame in enumerate(io.read_frames(plan.input, plan.start, plan.frames)):
+        content = images.resize_to(frame.astype(np.float32) / 255.0, *plan.size)
         if k < done:
             previous_input = content
             continue
-        if k >= plan.frames:
-            break
-        if previous is None and k > 0:
-            previous = _load_rgb(plan.frame_path(k - 1))
         started = time.perf_counter()
-        options = {**plan.run_options, "length": length}
+        options = {**plan.run_options, "length": max(plan.size)}
         temporal = None
         flow_stats: dict[str, Any] = {}
-        if k > 0 and previous is not None and previous_input is not None:
+        if previous_input is not None:
             backward = flow.flow(content, previous_input)
             forward = flow.flow(previous_input, content)
             occluded = flow.occlusions(backward, forward)
@@ -180,7 +155,8 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
             flow_stats = {"reliable": float(mask.mean()), "new_shot": new_shot,
                           "flow_seconds": time.perf_counter() - started}
             if not new_shot:  # a new shot is stylized as the first frame is
-                warped = np.clip(flow.warp(previous, backward), 0.0, 1.0)
+                # The previous stylized frame as saved (8-bit), as a resumed run has it.
+                warped = np.clip(flow.warp(_load_rgb(plan.frame_path(k - 1)), backward), 0.0, 1.0)
                 options["num_iters"] = plan.iters
                 if plan.warp_init:
                     options["init"] = flow.warped_start(warped, content, occluded)
@@ -194,19 +170,15 @@ def stylize_frames(plan: VideoPlan, transfer: Any, on_frame: Callable[[FrameResu
         if outcome.failed:
             result.error = f"frame {plan.start + k}: {outcome.error}"
             return result
-        rgb = _quantised(outcome.rgb)
-        images.save_image(plan.frame_path(k), rgb)
+        images.save_image(plan.frame_path(k), outcome.rgb)
         seconds = time.perf_counter() - started
         report = {**outcome.report, "frame": plan.start + k, "seconds_total": seconds, **flow_stats,
                   "temporal_weight": plan.temporal_weight if temporal is not None else 0.0}
         write_json(plan.report_path(k), report, "the frame report")
-        loss = outcome.evaluation.loss if outcome.evaluation is not None else None
-        frame = FrameResult(k, loss, seconds, report)
-        result.frames.append(frame)
         result.done = k + 1
         if on_frame is not None:
-            on_frame(frame)
-        previous, previous_input = rgb, content
+            on_frame(k, outcome.evaluation.loss if outcome.evaluation is not None else None, seconds)
+        previous_input = content
     return result
 
 
@@ -219,11 +191,10 @@ def assemble(plan: VideoPlan, output: Path) -> list[str]:
 def clip_summary(plan: VideoPlan) -> dict[str, Any]:
     """Per-frame reports of the range gathered: losses, seconds, and means after the first frame."""
     reports = [json.loads(plan.report_path(k).read_text()) for k in range(plan.frames)]
-    later = reports[1:] or reports
+    later = reports[1:] or reports  # a range has at least one frame (cli.make_plan)
     return {"frames": len(reports), "fps": str(Fraction(plan.info.fps)), "width": plan.size[1],
-            "height": plan.size[0], "start": plan.start,
-            "seconds_first": reports[0]["seconds_total"] if reports else None,
-            "seconds_per_frame_after_first": float(np.mean([r["seconds_total"] for r in later])) if later else None,
-            "mean_style_loss": float(np.mean([r["style_loss"] or 0.0 for r in reports])) if reports else None,
+            "height": plan.size[0], "start": plan.start, "seconds_first": reports[0]["seconds_total"],
+            "seconds_per_frame_after_first": float(np.mean([r["seconds_total"] for r in later])),
+            "mean_style_loss": float(np.mean([r["style_loss"] or 0.0 for r in reports])),
             "per_frame": [{k: r.get(k) for k in ("frame", "loss", "style_loss", "content_loss", "temporal_loss",
                                                   "reliable", "seconds_total")} for r in reports]}
