@@ -227,12 +227,13 @@ def _save_animation(path: Path, frames: list[np.ndarray]) -> None:
     from PIL import Image
 
     h, w = frames[-1].shape[:2]
+    pixels = [np.round(images.resize_to(f, h, w) * 255).astype(np.uint8) for f in frames]
     if path.suffix.lower() == ".mp4":
         from style_transfer.video.io import write_video
 
-        write_video(path, [np.round(images.resize_to(f, h, w) * 255).astype(np.uint8) for f in frames], 10)
+        write_video(path, pixels, 10)
         return
-    pictures = [Image.fromarray(np.round(images.resize_to(f, h, w) * 255).astype(np.uint8)) for f in frames]
+    pictures = [Image.fromarray(p) for p in pixels]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         pictures[0].save(tmp, save_all=True, append_images=pictures[1:], duration=100, loop=0)

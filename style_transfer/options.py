@@ -296,13 +296,11 @@ def values_for(scope: str, values: dict[str, Any]) -> dict[str, Any]:
 
 def check_all(scope: str, given: dict[str, Any]) -> dict[str, Any]:
     """Library keyword arguments: unknown names refused, every value checked, the rest from the defaults."""
-    known = {o.name for o in OPTIONS if o.scope == scope}
-    unknown = sorted(set(given) - known)
+    known = {o.name: o.default for o in OPTIONS if o.scope == scope}
+    unknown = sorted(set(given) - set(known))
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = {name: value for name, value in defaults().items() if name in known}
-    values.update(given)
-    return {name: BY_NAME[name].convert(value) for name, value in values.items()}
+    return {name: BY_NAME[name].convert(value) for name, value in {**known, **given}.items()}
 
 
 # ------------------------------------------------------------------------------------------------ argparse
