@@ -51,10 +51,6 @@ def _say(message: str) -> None:
     print(f"style.py: {message}", file=sys.stderr)
 
 
-def _save_name(output: Path, iteration: int) -> Path:
-    return output.with_name(f"{output.stem}-{iteration:04d}{output.suffix}")
-
-
 def _check_outputs(args: argparse.Namespace, output: Path) -> Path | None:
     """Every file the run will write, checked before any work."""
     images.check_output_path(output)
@@ -116,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                 layers = "  ".join(f"{k}={v:.4g}" for k, v in step.evaluation.layers.items())
                 bar.write(f"iter {step.iteration}: loss={step.evaluation.loss:.6g}  {layers}", file=sys.stderr)
         if args.save_every and step.iteration % args.save_every == 0:
-            images.save_image(_save_name(output, step.iteration), job.to_rgb(step.image))
+            every = output.with_name(f"{output.stem}-{step.iteration:04d}{output.suffix}")
+            images.save_image(every, job.to_rgb(step.image))
         if animation is not None and (step.iteration % frame_every == 0 or step.iteration == 1):
             frames.append(job.to_rgb(step.image))
 

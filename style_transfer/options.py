@@ -133,9 +133,6 @@ def _flag(value: Any, label: str) -> bool:
     raise StyleTransferError(f"{label} must be yes or no (1/0, true/false), got {value!r}")
 
 
-INIT_WORDS = ("content", "mixed")
-
-
 def init_kind(value: Any) -> str:
     """What an --init value is: "content", "mixed", "noise" (a number, the 1/f exponent), "image" (an array) or
     "file" (a path). The one place this is decided."""
@@ -146,7 +143,7 @@ def init_kind(value: Any) -> str:
     if isinstance(value, Path):
         return "file"
     text = str(value)
-    if text in INIT_WORDS:
+    if text in ("content", "mixed"):
         return text
     try:
         float(text)
@@ -322,7 +319,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def arg_type(check: Check, label: str) -> Callable[[str], Any]:
-    """An argparse `type` for a command's own argument (not in the table) checked like the table's options."""
+    """An argparse `type` from a check: the table's options and a command's own arguments fail alike."""
     def parse(text: str) -> Any:
         try:
             return check(text, label)

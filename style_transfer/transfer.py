@@ -362,7 +362,7 @@ class StyleTransfer:
             parse_layer_weights(opts["style_layers"], "--style-layers")
         self.content_weights = dict(default_content) if opts["content_layers"] is None else \
             parse_layer_weights(opts["content_layers"], "--content-layers")
-        self.blobs = list(dict.fromkeys([*self.style_weights, *self.content_weights]))  # the objective's
+        self.blobs = list(dict.fromkeys([*self.style_weights, *self.content_weights]))  # what the objective reads
         self.net = load_net(Path(prototxt), Path(weights), self.blobs, opts["pooling"])
         self.engine, notice = create_engine(opts["engine"], self.net, opts["pooling"], opts["gpu"], opts["verbose"],
                                             opts["precision"])
