@@ -51,10 +51,6 @@ def _say(message: str) -> None:
     print(f"style.py: {message}", file=sys.stderr)
 
 
-def _save_name(output: Path, iteration: int) -> Path:
-    return output.with_name(f"{output.stem}-{iteration:04d}{output.suffix}")
-
-
 def _check_outputs(args: argparse.Namespace, output: Path) -> Path | None:
     """Every file the run will write, checked before any work."""
     images.check_output_path(output)
@@ -116,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                 layers = "  ".join(f"{k}={v:.4g}" for k, v in step.evaluation.layers.items())
                 bar.write(f"iter {step.iteration}: loss={step.evaluation.loss:.6g}  {layers}", file=sys.stderr)
         if args.save_every and step.iteration % args.save_every == 0:
-            images.save_image(_save_name(output, step.iteration), job.to_rgb(step.image))
+            every = output.with_name(f"{output.stem}-{step.iteration:04d}{output.suffix}")
+            images.save_image(every, job.to_rgb(step.image))
         if animation is not None and (step.iteration % frame_every == 0 or step.iteration == 1):
             frames.append(job.to_rgb(step.image))
 
@@ -227,12 +224,13 @@ def _save_animation(path: Path, frames: list[np.ndarray]) -> None:
     from PIL import Image
 
     h, w = frames[-1].shape[:2]
+    pixels = [np.round(images.resize_to(f, h, w) * 255).astype(np.uint8) for f in frames]
     if path.suffix.lower() == ".mp4":
         from style_transfer.video.io import write_video
 
-        write_video(path, [np.round(images.resize_to(f, h, w) * 255).astype(np.uint8) for f in frames], 10)
+        write_video(path, pixels, 10)
         return
-    pictures = [Image.fromarray(np.round(images.resize_to(f, h, w) * 255).astype(np.uint8)) for f in frames]
+    pictures = [Image.fromarray(p) for p in pixels]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         pictures[0].save(tmp, save_all=True, append_images=pictures[1:], duration=100, loop=0)

@@ -111,15 +111,12 @@ class PixelTerms:
         self.values: dict[str, torch.Tensor] = {}
 
     def term(self, image: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), dtype=image.dtype, device=image.device)
         if self.obj.tv_weight:
             self.values["tv"] = self.obj.tv_weight * tv_loss_torch(image)
-            total = total + self.values["tv"]
         temporal = temporal_term_torch(self.obj, self.targets, image)
         if temporal is not None:
             self.values["temporal"] = temporal
-            total = total + temporal
-        return total
+        return sum(self.values.values(), torch.zeros((), dtype=image.dtype, device=image.device))
 
     def value(self, name: str) -> float:
         return float(self.values[name].detach()) if name in self.values else 0.0

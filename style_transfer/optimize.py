@@ -70,10 +70,10 @@ class Result:
     last_evaluation: Evaluation | None = None  # the objective at `image`, when it was evaluated there
 
 
-def lbfgsb_options(max_iter: int, memory: int = 8, ftol: float = 0.0, gtol: float = 0.0) -> dict[str, Any]:
+def lbfgsb_options(max_iter: int, memory: int = 8) -> dict[str, Any]:
     """scipy's L-BFGS-B options as the tool runs it (benchmarks reuse them to time exactly this optimiser)."""
     # ftol/gtol of 0 and a generous maxfun make maxiter the only ordinary stop, as the original intended.
-    return {"maxiter": max_iter, "maxcor": memory, "ftol": ftol, "gtol": gtol, "maxfun": max(15000, 4 * max_iter),
+    return {"maxiter": max_iter, "maxcor": memory, "ftol": 0.0, "gtol": 0.0, "maxfun": max(15000, 4 * max_iter),
             "maxls": 40}
 
 
@@ -85,7 +85,7 @@ class LBFGSB:
     """
 
     def __init__(self, evaluate: Callable[[np.ndarray], Evaluation], x0: np.ndarray, lower: np.ndarray,
-                 upper: np.ndarray, max_iter: int, memory: int = 8, ftol: float = 0.0, gtol: float = 0.0) -> None:
+                 upper: np.ndarray, max_iter: int, memory: int = 8) -> None:
         self.evaluate = evaluate
         self.shape = x0.shape
         self.x0 = np.clip(x0, lower, upper).astype(np.float64).ravel()
@@ -93,8 +93,6 @@ class LBFGSB:
         self.upper = upper.astype(np.float64).ravel()
         self.max_iter = max_iter
         self.memory = memory
-        self.ftol = ftol
-        self.gtol = gtol
         self.result = Result()
         self._recent: list[tuple[np.ndarray, Evaluation]] = []
         self.evaluations = 0
@@ -115,10 +113,7 @@ class LBFGSB:
         return ev.loss, ev.grad.astype(np.float64).reshape(-1)
 
     def _evaluation_at(self, image: np.ndarray) -> Evaluation | None:
-        for seen, ev in reversed(self._recent):
-            if np.array_equal(seen, image):
-                return ev
-        return None
+        return next((ev for seen, ev in reversed(self._recent) if np.array_equal(seen, image)), None)
 
     def _image(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x).reshape(self.shape).astype(np.float32)
@@ -146,7 +141,7 @@ class LBFGSB:
                           error=error, last_evaluation=self._evaluation_at(last_image))
 
         try:
-            options = lbfgsb_options(self.max_iter, self.memory, self.ftol, self.gtol)
+            options = lbfgsb_options(self.max_iter, self.memory)
             if SETULB is not None and not np.array_equal(self.lower, self.upper):
                 res = self._drive(callback, options)
             else:

@@ -5,8 +5,8 @@ arguments are all built from `OPTIONS`, so adding an option touches this table a
 
 Values arrive as text (command line, manifest cells) or as Python values (library calls); `check` takes either and
 returns the value the library works with, or raises a StyleTransferError that names the flag. The original parsed
-`-r` and `-i` as text and named its outputs after that text, so those two keep the text as given (`keep_text`) and
-are converted where they are used.
+`-r` and `-i` as text and named its outputs after that text, so the checks of those two return the text as given and
+the values are converted where they are used.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from style_transfer.caffe_model.registry import MODELS
 from style_transfer.engines import ENGINES, PRECISIONS
 from style_transfer.errors import StyleTransferError
+from style_transfer.images import DEFAULT_MAX_PIXELS, MIN_SIDE
+from style_transfer.plan import AUTO
 
 Check = Callable[[Any, str], Any]
 
@@ -36,11 +39,10 @@ class Option:
     scope: str = "run"  # "model": StyleTransfer(...); "run": stylize(...); "cli": style.py's own
     column: bool = True  # a batch manifest column (and a batch default on its command line)
     fingerprint: bool = True  # a change makes finished batch jobs run again
-    keep_text: bool = False
     is_path: bool = False  # relative to the manifest's folder in a manifest
     flag: bool = False  # on/off switch without a value
     nargs: str | None = None
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | None = None  # checked by `convert` when there is no `check`
     metavar: str | None = None
 
     @property
@@ -50,9 +52,11 @@ class Option:
         return "/".join([*short[:1], self.flags[len(short)]])
 
     def convert(self, value: Any) -> Any:
-        if value is None or self.check is None:
-            return value
-        return self.check(value, self.label)
+        if value is not None and self.check is not None:
+            return self.check(value, self.label)
+        if value is not None and self.choices is not None and value not in self.choices:
+            raise StyleTransferError(f"{self.label} must be one of {', '.join(self.choices)}, got {value!r}")
+        return value
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -74,13 +78,11 @@ def number(minimum: float = 0.0, strict: bool = False) -> Check:
 
 def whole(minimum: int | None = 1) -> Check:
     def check(value: Any, label: str) -> int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
         try:
             result = int(value)
         except (TypeError, ValueError):
             raise StyleTransferError(f"{label} needs a whole number, got {value!r}") from None
-        if isinstance(value, float):
+        if isinstance(value, float) and value != result:
             raise StyleTransferError(f"{label} needs a whole number, got {value!r}")
         if minimum is not None and result < minimum:
             raise StyleTransferError(f"{label} must be at least {minimum}, got {result}")
@@ -90,8 +92,6 @@ def whole(minimum: int | None = 1) -> Check:
 
 
 def _scales(value: Any, label: str) -> int | str:
-    from style_transfer.plan import AUTO
-
     if isinstance(value, str) and value.strip().lower() == AUTO:
         return AUTO
     try:
@@ -102,8 +102,6 @@ def _scales(value: Any, label: str) -> int | str:
 
 def _length(value: Any, label: str) -> int:
     # The original parsed -l as a float; "512.0" is accepted, the work is in whole pixels.
-    from style_transfer.images import MIN_SIDE
-
     return round(number(float(MIN_SIDE))(value, label))
 
 
@@ -117,15 +115,6 @@ def _gpu(value: Any, label: str) -> int:
 def _ratio_text(value: Any, label: str) -> Any:
     number()(value, label)
     return value
-
-
-def _one_of(*choices: str) -> Check:
-    def check(value: Any, label: str) -> str:
-        if value not in choices:
-            raise StyleTransferError(f"{label} must be one of {', '.join(choices)}, got {value!r}")
-        return str(value)
-
-    return check
 
 
 def _weights(value: Any, label: str) -> list[float]:
@@ -144,9 +133,6 @@ def _flag(value: Any, label: str) -> bool:
     raise StyleTransferError(f"{label} must be yes or no (1/0, true/false), got {value!r}")
 
 
-INIT_WORDS = ("content", "mixed")
-
-
 def init_kind(value: Any) -> str:
     """What an --init value is: "content", "mixed", "noise" (a number, the 1/f exponent), "image" (an array) or
     "file" (a path). The one place this is decided."""
@@ -157,7 +143,7 @@ def init_kind(value: Any) -> str:
     if isinstance(value, Path):
         return "file"
     text = str(value)
-    if text in INIT_WORDS:
+    if text in ("content", "mixed"):
         return text
     try:
         float(text)
@@ -216,12 +202,6 @@ def _layers(value: Any, label: str) -> Any:
 # ------------------------------------------------------------------------------------------------ the table
 
 
-def _models() -> str:
-    from style_transfer.caffe_model.registry import MODELS
-
-    return ", ".join(MODELS)
-
-
 OPTIONS: tuple[Option, ...] = (
     # What to stylize and where the result goes: the manifest has columns of its own for these.
     Option("style", ("-s", "--style-img", "--style_img"), "style (art) image(s); required", nargs="+",
@@ -229,12 +209,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("content", ("-c", "--content-img", "--content_img"), "content image; required", scope="cli",
            column=False),
     # The original tool's flags, with its defaults.
-    Option("model", ("-m", "--model"), f"model: {_models()} (or any net with --prototxt)", "vgg16", scope="model"),
+    Option("model", ("-m", "--model"), f"model: {', '.join(MODELS)} (or any net with --prototxt)", "vgg16",
+           scope="model"),
     Option("gpu", ("-g", "--gpu", "--gpu_id"), "CUDA device number, -1 for the CPU", 0, _gpu, scope="model",
            fingerprint=False),
     Option("init", ("-i", "--init"), "initial image: content, mixed, a number N (1/f^N noise) or an image file",
-           "content", _init, keep_text=True, is_path=True),
-    Option("ratio", ("-r", "--ratio"), "style-to-content ratio", "1e4", _ratio_text, keep_text=True),
+           "content", _init, is_path=True),
+    Option("ratio", ("-r", "--ratio"), "style-to-content ratio", "1e4", _ratio_text),
     Option("num_iters", ("-n", "--num-iters", "--num_iters"), "L-BFGS-B iterations", 512, whole()),
     Option("length", ("-l", "--length"), "long side of the output, pixels", 512, _length),
     Option("verbose", ("-v", "--verbose"), "print per-layer losses and engine logs", False, _flag, scope="model",
@@ -256,19 +237,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("content_layers", ("--content-layers",), "content blobs, e.g. conv4_2:1 (default: the model's preset)",
            None, _layers, scope="model"),
     Option("pooling", ("--pooling",), "pooling used in every pooling layer (the original used avg)", "avg",
-           _one_of("avg", "max"), scope="model", choices=("avg", "max")),
+           scope="model", choices=("avg", "max")),
     Option("style_scale", ("--style-scale",), "style image long side as a multiple of --length", 1.2,
            number(0.0, strict=True)),
     Option("seed", ("--seed",), "random seed for noise initialisation (default: drawn, and reported)", None,
            whole(None)),
-    Option("engine", ("--engine",), "network engine", "torch", _one_of(*ENGINES), scope="model", choices=ENGINES),
+    Option("engine", ("--engine",), "network engine", "torch", scope="model", choices=ENGINES),
     Option("precision", ("--precision",), "torch engine arithmetic: fp32, or bf16/fp16 autocast (Gram matrices in "
            "fp32); bf16 is faster on CPUs with AVX512-BF16/AMX and on recent GPUs, fp16 on GPUs only", "fp32",
-           _one_of(*PRECISIONS), scope="model", choices=PRECISIONS),
+           scope="model", choices=PRECISIONS),
     Option("lbfgs_memory", ("--lbfgs-memory",), "L-BFGS-B history size (scipy's maxcor)", 8, whole()),
     Option("tv_weight", ("--tv-weight",), "total-variation weight (on the 0-255 pixel scale)", 0.0, number()),
     Option("max_pixels", ("--max-pixels",), "largest input image accepted, in pixels (decompression-bomb guard)",
-           None, whole(), fingerprint=False),
+           DEFAULT_MAX_PIXELS, whole(), fingerprint=False),
     Option("max_memory", ("--max-memory",), "memory a run may use, in GB (RAM on the CPU, free device memory on "
            "CUDA): an image whose evaluation needs more is evaluated in tiles, exactly (default: what is available)",
            None, number(0.0, strict=True), fingerprint=False, metavar="GB"),
@@ -279,7 +260,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("min_length", ("--min-length",), "long side of the smallest scale, with --scales (default: halving per "
            "scale, at least 64; 512 with auto)", None, whole()),
     Option("color_match", ("--color-match",), "recolour the style image(s) to the content's colour statistics "
-           "first", "none", _one_of("none", "meancov", "histogram"), choices=("none", "meancov", "histogram")),
+           "first", "none", choices=("none", "meancov", "histogram")),
     Option("original_colors", ("--original-colors",), "keep the content's colours: the result's luminance with "
            "the content's chroma", False, _flag, flag=True),
     Option("save_every", ("--save-every",), "also save OUT-NNNN.ext every N iterations", None, whole(),
@@ -297,18 +278,12 @@ FINGERPRINTED: frozenset[str] = frozenset(o.name for o in OPTIONS if o.fingerpri
 
 
 def defaults() -> dict[str, Any]:
-    from style_transfer.images import DEFAULT_MAX_PIXELS
-
-    values = {o.name: o.default for o in OPTIONS}
-    values["max_pixels"] = DEFAULT_MAX_PIXELS
-    return values
+    return {o.name: o.default for o in OPTIONS}
 
 
 def parse_value(name: str, text: Any) -> Any:
-    """A value as the command line or a manifest cell gives it, checked; text kept where the option says so."""
-    option = BY_NAME[name]
-    value = option.convert(text)
-    return text if option.keep_text else value
+    """A value as the command line or a manifest cell gives it, checked."""
+    return BY_NAME[name].convert(text)
 
 
 def values_for(scope: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -318,13 +293,11 @@ def values_for(scope: str, values: dict[str, Any]) -> dict[str, Any]:
 
 def check_all(scope: str, given: dict[str, Any]) -> dict[str, Any]:
     """Library keyword arguments: unknown names refused, every value checked, the rest from the defaults."""
-    known = {o.name for o in OPTIONS if o.scope == scope}
-    unknown = sorted(set(given) - known)
+    known = {o.name: o.default for o in OPTIONS if o.scope == scope}
+    unknown = sorted(set(given) - set(known))
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = {name: value for name, value in defaults().items() if name in known}
-    values.update(given)
-    return {name: BY_NAME[name].convert(value) for name, value in values.items()}
+    return {name: BY_NAME[name].convert(value) for name, value in {**known, **given}.items()}
 
 
 # ------------------------------------------------------------------------------------------------ argparse
@@ -346,7 +319,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def arg_type(check: Check, label: str) -> Callable[[str], Any]:
-    """An argparse `type` for a command's own argument (not in the table) checked like the table's options."""
+    """An argparse `type` from a check: the table's options and a command's own arguments fail alike."""
     def parse(text: str) -> Any:
         try:
             return check(text, label)
@@ -356,16 +329,12 @@ def arg_type(check: Check, label: str) -> Callable[[str], Any]:
     return parse
 
 
-def _argparse_type(option: Option) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            if option.nargs:  # argparse converts one item at a time and makes the list itself
-                return parse_value(option.name, [text])[0]
-            return parse_value(option.name, text)
-        except StyleTransferError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+def _item(option: Option) -> Check:
+    """`option`'s check of one command-line item: argparse converts the items of nargs one at a time."""
+    def check(text: str, _label: str) -> Any:
+        return option.convert([text])[0] if option.nargs else option.convert(text)
 
-    return parse
+    return check
 
 
 def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str], *, defaults_from: dict[str, Any],
@@ -376,11 +345,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str], *, defa
     for option in OPTIONS:
         if option.name not in wanted:
             continue
-        default = defaults_from.get(option.name)
-        if option.flag:
-            parser.add_argument(*option.flags, dest=option.name, action="store_true",
-                                help=helps.get(option.name, option.help))
-            continue
-        parser.add_argument(*option.flags, dest=option.name, type=_argparse_type(option), default=default,
-                            nargs=option.nargs, choices=option.choices, metavar=option.metavar,
-                            help=helps.get(option.name, option.help))
+        kinds = {"action": "store_true"} if option.flag else {
+            "type": arg_type(_item(option), option.label), "default": defaults_from.get(option.name),
+            "nargs": option.nargs, "choices": option.choices, "metavar": option.metavar}
+        parser.add_argument(*option.flags, dest=option.name, help=helps.get(option.name, option.help), **kinds)

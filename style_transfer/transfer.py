@@ -116,7 +116,8 @@ class Stylization:
         started = time.perf_counter()
         self.evaluations = 0
         self.tilings = []
-        self._clock, self._on_progress = Clock(self.costs(), started), on_progress
+        clock = self._clock = Clock(self.costs(), started)
+        self._on_progress = on_progress
         x: np.ndarray | None = None
         done = 0
         stop_reason, error, stopped_early = "", None, False
@@ -129,7 +130,7 @@ class Stylization:
             if x is not None:  # not before a run's first scale: a video frame would pay for it every time
                 tiling.release_free_memory()
             try:
-                evaluate = self._evaluator(content, length)
+                evaluate = self._evaluator(content, index)
             except StyleTransferError as exc:
                 if x is None:
                     raise
@@ -146,8 +147,7 @@ class Stylization:
             del content, start
 
             def forward(step: Any, offset: int = done, scale: int = index) -> None:
-                assert self._clock is not None
-                self._clock.iteration_done()
+                clock.iteration_done()
                 if on_step is not None:
                     on_step(replace(step, iteration=offset + step.iteration, scale=scale,
                                     evaluations=self.evaluations))
@@ -194,8 +194,7 @@ class Stylization:
                 fixed += self._held
         else:  # what is available is beside what the process holds already
             what = f"the memory available ({available / tiling.GB:.1f} GB)"
-        pooling = None if st.engine.pooling == "file" else st.engine.pooling
-        return tiling.choose_tiles(st.net, pooling, height, width, blobs, budget, fixed, what)
+        return tiling.choose_tiles(st.net, st.engine.pooling, height, width, blobs, budget, fixed, what)
 
     def _run_bytes(self, height: int, width: int) -> int:
         """What the optimisation keeps beside an evaluation at this size. On the CPU the optimiser's full-size arrays
@@ -205,40 +204,35 @@ class Stylization:
         st = self.transfer
         if st.engine.device != "cpu":
             return 0
-        pooling = None if st.engine.pooling == "file" else st.engine.pooling
-        kept = tiling.blob_bytes(st.net, pooling, height, width, list(st.content_weights))
+        kept = tiling.blob_bytes(st.net, st.engine.pooling, height, width, list(st.content_weights))
         return tiling.run_bytes(st.net, height, width, self.options["lbfgs_memory"], kept)
 
     def costs(self) -> list[ScaleCost]:
         """Each scale's size, iterations, tiling and work, with the tiles the memory available now allows (a run
         chooses them again as each scale starts)."""
-        return [self._cost(index, self._sizes(length)) for index, (length, _) in enumerate(self.plan)]
+        return [self._scale(index)[0] for index in range(len(self.plan))]
 
-    def _sizes(self, length: int) -> tuple[tuple[int, int], list[tuple[tuple[int, int], tiling.TilePlan | None]],
-                                           tiling.TilePlan | None]:
-        """At this scale: the content's size, each style image's size and tiles, and the objective's tiles."""
+    def _scale(self, index: int) -> tuple[ScaleCost, list[tiling.TilePlan | None], tiling.TilePlan | None]:
+        """A scale's cost, each style image's tiles and the objective's tiles (None: evaluated whole)."""
         st = self.transfer
+        length, iterations = self.plan[index]
         h, w = images.long_side_size(self.content.shape[0], self.content.shape[1], length)
-        styles = []
-        for style in self.styles:
-            size = images.long_side_size(style.shape[0], style.shape[1], round(length * self.options["style_scale"]))
-            # The style targets are made between two scales' optimisations: no optimiser's arrays beside them.
-            styles.append((size, self._tiles(*size, list(st.style_weights), 0)))
-        objective_blobs = list(dict.fromkeys([*st.style_weights, *st.content_weights]))
-        return (h, w), styles, self._tiles(h, w, objective_blobs, self._run_bytes(h, w))
-
-    def _cost(self, index: int, sizes: tuple[tuple[int, int], list[tuple[tuple[int, int], tiling.TilePlan | None]],
-                                             tiling.TilePlan | None]) -> ScaleCost:
-        st = self.transfer
+        style_length = round(length * self.options["style_scale"])
+        style_sizes = [images.long_side_size(style.shape[0], style.shape[1], style_length) for style in self.styles]
+        # The style targets are made between two scales' optimisations: no optimiser's arrays beside them.
+        style_plans = [self._tiles(*size, list(st.style_weights), 0) for size in style_sizes]
+        plan = self._tiles(h, w, st.blobs, self._run_bytes(h, w))
         if self._cost_model is None:
-            pooling = None if st.engine.pooling == "file" else st.engine.pooling
-            self._cost_model = CostModel(st.net, pooling, list(st.style_weights), list(st.content_weights))
-        (h, w), styles, plan = sizes
+            self._cost_model = CostModel(st.net, st.engine.pooling, list(st.style_weights), list(st.content_weights))
         model = self._cost_model
-        return ScaleCost(w, h, self.plan[index][1], 0 if plan is None else plan.count,
-                         model.evaluation(h, w, None if plan is None else plan.tile_sizes()),
-                         model.targets((h, w), None if plan is None else plan.tile_sizes(),
-                                       [(size, None if p is None else p.tile_sizes()) for size, p in styles]))
+
+        def tiles(p: tiling.TilePlan | None) -> list[tuple[int, int]] | None:
+            return None if p is None else p.tile_sizes()
+
+        styles = [(size, tiles(p)) for size, p in zip(style_sizes, style_plans, strict=True)]
+        cost = ScaleCost(w, h, iterations, 0 if plan is None else plan.count, model.evaluation(h, w, tiles(plan)),
+                         model.targets((h, w), tiles(plan), styles))
+        return cost, style_plans, plan
 
     def _tell(self, tile_pass: int = 0, tile: int = 0, tiles: int = 0) -> None:
         if self._on_progress is not None and self._clock is not None:
@@ -249,22 +243,20 @@ class Stylization:
         self._clock.tile_done(tile_pass, tile, tiles)
         self._tell(tile_pass, tile, tiles)
 
-    def _evaluator(self, content: np.ndarray, length: int) -> Callable[[np.ndarray], Evaluation]:
+    def _evaluator(self, content: np.ndarray, index: int) -> Callable[[np.ndarray], Evaluation]:
         from style_transfer import tiling
         from style_transfer.losses import Objective
 
         st = self.transfer
         clock = self._clock
         assert clock is not None
-        index = [size for size, _ in self.plan].index(length)  # scale_plan never repeats a size
-        sizes = self._sizes(length)
-        (h, w), style_plans, plan = sizes
-        clock.start_scale(index, self._cost(index, sizes))
+        cost, style_plans, plan = self._scale(index)
+        clock.start_scale(index, cost)
         self._tell()
+        style_length = round(self.plan[index][0] * self.options["style_scale"])
         grams = []
-        for style, (_size, style_plan) in zip(self.styles, style_plans, strict=True):
-            resized = images.resize_long_side(style, round(length * self.options["style_scale"]))
-            matched = match_colors(resized, content, self.options["color_match"])
+        for style, style_plan in zip(self.styles, style_plans, strict=True):
+            matched = match_colors(images.resize_long_side(style, style_length), content, self.options["color_match"])
             grams.append(st.style_grams(matched) if style_plan is None else
                          st.style_grams(matched, style_plan, self._tile))
         x_content = images.preprocess(content)
@@ -285,6 +277,7 @@ class Stylization:
             tiling.TiledEvaluator(st.engine, objective, plan, self._tile)
         self.tilings.append(None if plan is None else plan.summary())
         if plan is not None and st.options["verbose"]:
+            h, w = content.shape[:2]
             tile_h, tile_w = plan.tile_size
             self.notices.append(f"{w}x{h}: evaluated in {plan.count} tiles of up to {tile_w}x{tile_h} px "
                                 f"(halo {plan.halo} px)")
@@ -347,35 +340,30 @@ class StyleTransfer:
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         started = time.perf_counter()
-        opts = check_all("model", {**options, **({"model": model} if model is not None else {})})
-        self.options = opts
+        opts = self.options = check_all("model", {**options, **({"model": model} if model is not None else {})})
         self.notices: list[str] = []
         prototxt, weights = opts["prototxt"], opts["weights"]
         if prototxt is None:
             info = get_model(opts["model"])
-            prototxt_path = info.prototxt
-            if weights:
-                weights_path = Path(weights)
-            else:
+            self.model, prototxt = opts["model"], info.prototxt
+            if not weights:
                 from style_transfer.download import ensure_model
 
-                weights_path = ensure_model(opts["model"], opts["models_dir"], opts["download_missing"])
+                weights = ensure_model(opts["model"], opts["models_dir"], opts["download_missing"])
             default_style, default_content = info.style_layers, info.content_layers
         else:
-            prototxt_path = Path(prototxt)
             if weights is None:
                 raise ModelError("--prototxt needs --weights (the caffemodel for that net)")
-            weights_path = Path(weights)
             if opts["style_layers"] is None or opts["content_layers"] is None:
                 raise ModelError("--prototxt needs --style-layers and --content-layers (which blobs to use)")
+            self.model = Path(prototxt).stem
             default_style, default_content = {}, {}
-        self.model = opts["model"] if prototxt is None else Path(prototxt).stem
         self.style_weights = dict(default_style) if opts["style_layers"] is None else \
             parse_layer_weights(opts["style_layers"], "--style-layers")
         self.content_weights = dict(default_content) if opts["content_layers"] is None else \
             parse_layer_weights(opts["content_layers"], "--content-layers")
-        blobs = list(dict.fromkeys([*self.style_weights, *self.content_weights]))
-        self.net = load_net(prototxt_path, weights_path, blobs, opts["pooling"])
+        self.blobs = list(dict.fromkeys([*self.style_weights, *self.content_weights]))  # what the objective reads
+        self.net = load_net(Path(prototxt), Path(weights), self.blobs, opts["pooling"])
         self.engine, notice = create_engine(opts["engine"], self.net, opts["pooling"], opts["gpu"], opts["verbose"],
                                             opts["precision"])
         if notice:
