@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, lrn_size, pool_geometry
-from style_transfer.caffe_model.net import Net
+from style_transfer.caffe_model.net import Net, infer_shapes
 from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator, FeatureGrads, InputTerm
 from style_transfer.engines.cpu import keep_freed_memory, use_physical_cores
 from style_transfer.errors import EngineError, ModelError
@@ -138,14 +138,12 @@ def _pooling(op: _Op) -> Run:
 
     def pool(xs: list[torch.Tensor]) -> torch.Tensor:
         x = xs[0]
-        kernel, stride, pad = p.kernel, p.stride, p.pad
-        if p.global_pooling:
-            kernel = (int(x.shape[2]), int(x.shape[3]))
+        kernel = (int(x.shape[2]), int(x.shape[3])) if p.global_pooling else p.kernel
         if p.method == "max":
-            return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
+            return F.max_pool2d(x, kernel, p.stride, p.pad, ceil_mode=True)
         # Caffe divides by the window clipped to the padded input, padding included: torch's count_include_pad
         # with ceil_mode computes exactly that divisor.
-        return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=True)
+        return F.avg_pool2d(x, kernel, p.stride, p.pad, ceil_mode=True, count_include_pad=True)
 
     return pool
 
@@ -210,8 +208,6 @@ class TorchEngine(Engine):
             # On the CPU oneDNN's float32 kernels want NHWC (BENCHMARKS.md); on CUDA NHWC pays off with tensor cores,
             # which the half precisions use. float64 has no oneDNN kernels, so it stays in the plain layout.
             cl = dtype == torch.float32 and (cpu or precision != "fp32") and not wino_layers
-        if cl:
-            wino_layers = set()
         self.memory_format = torch.channels_last if cl else torch.contiguous_format
         self._ops: list[_Op] = []
         for layer in net.layers:
@@ -234,14 +230,14 @@ class TorchEngine(Engine):
                 # TF32 (float32's range, a 10-bit mantissa) is PyTorch's default for cuDNN convolutions and is made
                 # explicit here; the Gram matrices are plain matmuls, for which PyTorch keeps TF32 off, so they stay
                 # in full float32. Speed and parity with float32 on a GPU: BENCHMARKS.md.
-                stack.enter_context(_cudnn_settings(benchmark=True, allow_tf32=True))
+                cudnn = torch.backends.cudnn
+                for flag in ("benchmark", "allow_tf32"):  # restored on leaving
+                    stack.callback(setattr, cudnn, flag, getattr(cudnn, flag))
+                    setattr(cudnn, flag, True)
             yield
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.unsqueeze(0)
-        if self.memory_format is torch.channels_last:
-            return batch.contiguous(memory_format=torch.channels_last)
-        return batch
+        return x.unsqueeze(0).contiguous(memory_format=self.memory_format)
 
     def _forward(self, x: torch.Tensor, blobs: Sequence[str]) -> dict[str, torch.Tensor]:
         """Blob values with the batch axis (1 x C x H x W), in the engine's memory format."""
@@ -251,7 +247,6 @@ class TorchEngine(Engine):
         ops = self._ops[: last + 1]
         # The last reader of each blob, so that inference can free activations as soon as they are consumed.
         last_read = {b: i for i, op in enumerate(ops) for b in op.layer.bottoms}
-        out: dict[str, torch.Tensor] = {}
         for i, op in enumerate(ops):
             result = op.run([values[b] for b in op.layer.bottoms])
             for b in op.layer.bottoms:
@@ -259,9 +254,7 @@ class TorchEngine(Engine):
                     values.pop(b, None)
             for top in op.layer.tops:
                 values[top] = result
-        for b in blobs:
-            out[b] = values[b]
-        return out
+        return {b: values[b] for b in blobs}
 
     def features(self, image: np.ndarray, blobs: Sequence[str]) -> dict[str, np.ndarray]:
         with torch.inference_mode(), self._running():
@@ -378,11 +371,7 @@ def _power_of_two_scale(grads: list[torch.Tensor], target: float) -> float:
 
 
 def _last_needed(ops: list[_Op], wanted: set[str]) -> int:
-    last = -1
-    for i, op in enumerate(ops):
-        if wanted.intersection(op.layer.tops):
-            last = i
-    return last
+    return max((i for i, op in enumerate(ops) if wanted.intersection(op.layer.tops)), default=-1)
 
 
 # NNPACK transforms the whole kernel (C_in x C_out x 8 x 8) on every call, a cost that does not shrink with the
@@ -402,9 +391,7 @@ class _WinogradConv(torch.autograd.Function):
         return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, pad, (1, 1))
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:  # type: ignore[override]
         (flipped,) = ctx.saved_tensors
         gx = torch._nnpack_spatial_convolution(grad.contiguous(), flipped, None, ctx.back_pad, (1, 1))
         return gx, None, None, None, None, None
@@ -429,8 +416,6 @@ def _winograd_layers(net: Net, pooling: str | None, forced: bool = False) -> set
         available = False
     if not available:
         return set()
-    from style_transfer.caffe_model.net import infer_shapes
-
     try:
         shapes = infer_shapes(net, (1, 3, 224, 224))
     except ModelError:
@@ -451,13 +436,3 @@ def _winograd_layers(net: Net, pooling: str | None, forced: bool = False) -> set
             eligible += macs
     return chosen if total and eligible * 4 >= total * 3 else set()
 
-
-@contextlib.contextmanager
-def _cudnn_settings(benchmark: bool, allow_tf32: bool) -> Iterator[None]:
-    cudnn = torch.backends.cudnn
-    saved = (cudnn.benchmark, cudnn.allow_tf32)
-    cudnn.benchmark, cudnn.allow_tf32 = benchmark, allow_tf32
-    try:
-        yield
-    finally:
-        cudnn.benchmark, cudnn.allow_tf32 = saved
