@@ -26,15 +26,10 @@ import torch
 
 from style_transfer.caffe_model.layers import fmt_shape
 from style_transfer.caffe_model.net import Net
-from style_transfer.engines.base import Engine, Evaluation, Evaluator, FeatureGrads, InputTerm
+from style_transfer.engines.base import Engine, Evaluator, FeatureGradEvaluator, FeatureGrads, InputTerm
 from style_transfer.engines.caffe_deploy import check_net, check_size, deploy_prototxt, input_layer_name
 from style_transfer.errors import EngineError, ModelError
-from style_transfer.losses import (
-    Objective,
-    PixelTerms,
-    TorchTargets,
-    terms_and_feature_grads,
-)
+from style_transfer.losses import Objective, TorchTargets
 from style_transfer.util import one_line
 
 INSTALL_HINT = "run scripts/install_caffe.sh (e.g. PYTHON=.venv/bin/python bash scripts/install_caffe.sh)"
@@ -281,8 +276,12 @@ class CaffeEngine(Engine):
 
     # -- objective and gradient
 
-    def bind(self, objective: Objective) -> CaffeEvaluator:
-        return CaffeEvaluator(self, objective)
+    def bind(self, objective: Objective) -> Evaluator:
+        """The objective with the torch engine's loss functions, which read Caffe's blobs without a copy. The net
+        and its blobs are the engine's; each evaluation writes every blob it reads before reading it."""
+        targets = TorchTargets.of(objective, lambda a: torch.from_numpy(np.array(a, dtype=np.float32)),
+                                  torch.contiguous_format)
+        return FeatureGradEvaluator(self, objective, targets, torch.float32)
 
     def _plan(self, layers: tuple[str, ...]) -> _Plan:
         plan = self._plans.get(layers)
@@ -354,22 +353,3 @@ class CaffeEngine(Engine):
             value = float(term.detach())
         return terms, value, grad
 
-
-class CaffeEvaluator(Evaluator):
-    """An objective on the Caffe engine: Caffe runs the net, losses.py gives the terms and their feature gradients
-    (the torch engine's functions, reading Caffe's blobs without a copy), and Caffe's backward takes those to the
-    input. The net and its blobs are the engine's; each evaluation writes every blob it reads before reading it."""
-
-    def __init__(self, engine: CaffeEngine, objective: Objective) -> None:
-        self.engine = engine
-        self.objective = objective
-        self.targets = TorchTargets.of(objective, lambda a: torch.from_numpy(np.array(a, dtype=np.float32)),
-                                       torch.contiguous_format)
-
-    def evaluate(self, image: np.ndarray) -> Evaluation:
-        obj = self.objective
-        pixels = PixelTerms(obj, self.targets)
-        terms, _, grad = self.engine.vjp(
-            image, obj.layers, lambda feats: terms_and_feature_grads(obj, self.targets, feats, torch.float32),
-            pixels.term if pixels.any else None)
-        return Evaluation.of(terms, pixels.value("tv"), grad, pixels.value("temporal"))

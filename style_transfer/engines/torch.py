@@ -33,16 +33,22 @@ import torch.nn.functional as F
 
 from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, lrn_size, pool_geometry
 from style_transfer.caffe_model.net import Net, infer_shapes
-from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator, FeatureGrads, InputTerm
+from style_transfer.engines.base import (
+    PRECISIONS,
+    Engine,
+    Evaluation,
+    Evaluator,
+    FeatureGradEvaluator,
+    FeatureGrads,
+    InputTerm,
+)
 from style_transfer.engines.cpu import keep_freed_memory, use_physical_cores
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import (
     Objective,
-    PixelTerms,
     TorchTargets,
     is_nhwc,
     temporal_term_torch,
-    terms_and_feature_grads,
     tv_loss_torch,
     weighted_terms_torch,
 )
@@ -261,8 +267,11 @@ class TorchEngine(Engine):
             out = self._forward(self._input(self._tensor(image)), blobs)
             return {b: v[0].to(self.dtype).contiguous().cpu().numpy() for b, v in out.items()}
 
-    def bind(self, objective: Objective) -> TorchEvaluator:
-        return TorchEvaluator(self, objective)
+    def bind(self, objective: Objective) -> Evaluator:
+        targets = TorchTargets.of(objective, self._tensor, self.memory_format)
+        if self.tuning.manual_loss_grad:
+            return FeatureGradEvaluator(self, objective, targets, self.dtype)
+        return _AutogradEvaluator(self, objective, targets)
 
     def vjp(self, image: np.ndarray, blobs: Sequence[str], fn: FeatureGrads,
             input_term: InputTerm | None = None) -> tuple[dict[str, float], float, np.ndarray]:
@@ -295,27 +304,14 @@ class TorchEngine(Engine):
         return terms, float(extra.detach()), _numpy(grad, self.dtype)
 
 
-class TorchEvaluator(Evaluator):
-    """An objective on the torch engine: the net runs forward, losses.py gives the terms and their feature
-    gradients, and one backward pass takes those to the input."""
+class _AutogradEvaluator(Evaluator):
+    """The plain formulation (`Tuning.manual_loss_grad` off): the losses as torch expressions, everything
+    differentiated by autograd."""
 
-    def __init__(self, engine: TorchEngine, objective: Objective) -> None:
-        self.engine = engine
-        self.objective = objective
-        self.targets = TorchTargets.of(objective, engine._tensor, engine.memory_format)
+    def __init__(self, engine: TorchEngine, objective: Objective, targets: TorchTargets) -> None:
+        self.engine, self.objective, self.targets = engine, objective, targets
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
-        engine, obj = self.engine, self.objective
-        if not engine.tuning.manual_loss_grad:
-            return self._evaluate_autograd(image)
-        pixels = PixelTerms(obj, self.targets)
-        terms, _, grad = engine.vjp(image, obj.layers,
-                                    lambda feats: terms_and_feature_grads(obj, self.targets, feats, engine.dtype),
-                                    pixels.term if pixels.any else None)
-        return Evaluation.of(terms, pixels.value("tv"), grad, pixels.value("temporal"))
-
-    def _evaluate_autograd(self, image: np.ndarray) -> Evaluation:
-        """The plain formulation: the losses as torch expressions, everything differentiated by autograd."""
         engine, obj = self.engine, self.objective
         x = engine._tensor(image)
         x.requires_grad_(True)
