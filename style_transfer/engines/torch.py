@@ -31,8 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from style_transfer import flops
 from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, lrn_size, pool_geometry
-from style_transfer.caffe_model.net import Net, infer_shapes
+from style_transfer.caffe_model.net import Net
 from style_transfer.engines.base import (
     PRECISIONS,
     Engine,
@@ -413,22 +414,13 @@ def _winograd_layers(net: Net, pooling: str | None, forced: bool = False) -> set
     if not available:
         return set()
     try:
-        shapes = infer_shapes(net, (1, 3, 224, 224))
+        work = flops.count(net, 224, 224)
     except ModelError:
         return set()
-    chosen: set[str] = set()
-    total = eligible = 0
-    for layer in net.layers:
-        if layer.type != "Convolution":
-            continue
-        g = conv_geometry(layer)
-        c_in = shapes[layer.bottoms[0]][1]
-        _n, c_out, h, w = shapes[layer.tops[0]]
-        macs = c_out * h * w * (c_in // g.group) * g.kernel[0] * g.kernel[1]
-        total += macs
-        if (g.kernel == (3, 3) and g.stride == (1, 1) and g.dilation == (1, 1) and g.group == 1
-                and max(g.pad) <= 2):
-            chosen.add(layer.name)
-            eligible += macs
+    geometries = {layer.name: conv_geometry(layer) for layer in net.layers if layer.type == "Convolution"}
+    chosen = {name for name, g in geometries.items() if g.kernel == (3, 3) and g.stride == (1, 1)
+              and g.dilation == (1, 1) and g.group == 1 and max(g.pad) <= 2}
+    total = work.conv_forward_macs
+    eligible = sum(w.forward_macs for w in work.layers if w.name in chosen)
     return chosen if total and eligible * 4 >= total * 3 else set()
 
