@@ -266,7 +266,7 @@ class TorchEngine(Engine):
     def features(self, image: np.ndarray, blobs: Sequence[str]) -> dict[str, np.ndarray]:
         with torch.inference_mode(), self._running():
             out = self._forward(self._input(self._tensor(image)), blobs)
-            return {b: v[0].to(self.dtype).contiguous().cpu().numpy() for b, v in out.items()}
+            return {b: _numpy(v[0], self.dtype) for b, v in out.items()}
 
     def bind(self, objective: Objective) -> Evaluator:
         targets = TorchTargets.of(objective, self._tensor, self.memory_format)
@@ -276,8 +276,7 @@ class TorchEngine(Engine):
 
     def vjp(self, image: np.ndarray, blobs: Sequence[str], fn: FeatureGrads,
             input_term: InputTerm | None = None) -> tuple[dict[str, float], float, np.ndarray]:
-        x = self._tensor(image)
-        x.requires_grad_(True)
+        x = self._tensor(image).requires_grad_()
         scale = 1.0
         for attempt in range(4):
             with self._running():
@@ -314,8 +313,7 @@ class _AutogradEvaluator(Evaluator):
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
         engine, obj = self.engine, self.objective
-        x = engine._tensor(image)
-        x.requires_grad_(True)
+        x = engine._tensor(image).requires_grad_()
         with engine._running():
             feats = {k: v[0] for k, v in engine._forward(engine._input(x), obj.layers).items()}
         terms = weighted_terms_torch(obj, self.targets, feats, engine.dtype)
