@@ -14,7 +14,7 @@ from style_transfer.caffe_model.net import Net
 if TYPE_CHECKING:  # the CLI imports this module before torch loads (see style_transfer/openmp.py)
     import torch
 
-    from style_transfer.losses import Objective
+    from style_transfer.losses import Objective, TorchTargets
 
 # Blob values (1 x C x H x W tensors) -> (named loss terms, gradient of their sum with respect to some of the blobs,
 # same shapes). What `Engine.vjp` injects into the net's backward pass.
@@ -55,6 +55,24 @@ class Evaluator(ABC):
 
     def __call__(self, image: np.ndarray) -> Evaluation:
         return self.evaluate(image)
+
+
+class FeatureGradEvaluator(Evaluator):
+    """An objective on `Engine.vjp`: the net runs forward, losses.py gives the terms and their feature gradients,
+    and the engine's backward pass takes those to the input. `targets` are tensors the engine's blobs can meet."""
+
+    def __init__(self, engine: Engine, objective: Objective, targets: TorchTargets, dtype: torch.dtype) -> None:
+        self.engine, self.objective, self.targets, self.dtype = engine, objective, targets, dtype
+
+    def evaluate(self, image: np.ndarray) -> Evaluation:
+        from style_transfer.losses import PixelTerms, terms_and_feature_grads  # loads torch, which an engine has
+
+        obj = self.objective
+        pixels = PixelTerms(obj, self.targets)
+        terms, _, grad = self.engine.vjp(image, obj.layers,
+                                         lambda feats: terms_and_feature_grads(obj, self.targets, feats, self.dtype),
+                                         pixels.term if pixels.any else None)
+        return Evaluation.of(terms, pixels.value("tv"), grad, pixels.value("temporal"))
 
 
 class Engine(ABC):

@@ -26,15 +26,10 @@ import torch
 
 from style_transfer.caffe_model.layers import fmt_shape
 from style_transfer.caffe_model.net import Net
-from style_transfer.engines.base import Engine, Evaluation, Evaluator, FeatureGrads, InputTerm
+from style_transfer.engines.base import Engine, Evaluator, FeatureGradEvaluator, FeatureGrads, InputTerm
 from style_transfer.engines.caffe_deploy import check_net, check_size, deploy_prototxt, input_layer_name
 from style_transfer.errors import EngineError, ModelError
-from style_transfer.losses import (
-    Objective,
-    PixelTerms,
-    TorchTargets,
-    terms_and_feature_grads,
-)
+from style_transfer.losses import Objective, TorchTargets
 from style_transfer.util import one_line
 
 INSTALL_HINT = "run scripts/install_caffe.sh (e.g. PYTHON=.venv/bin/python bash scripts/install_caffe.sh)"
@@ -70,9 +65,7 @@ def import_caffe(verbose: bool = False) -> Any:
 def caffe_is_cpu_only(caffe: Any) -> bool:
     """Whether pycaffe was built with CPU_ONLY (then any GPU call ends the process)."""
     library = getattr(getattr(caffe, "_caffe", None), "__file__", None)
-    if not library:
-        return True
-    return _library_is_cpu_only(os.path.realpath(library))
+    return not library or _library_is_cpu_only(os.path.realpath(library))
 
 
 @functools.lru_cache(maxsize=4)
@@ -88,15 +81,12 @@ def _library_is_cpu_only(path: str) -> bool:
 def cuda_device_count() -> int:
     """CUDA devices the driver sees (honouring CUDA_VISIBLE_DEVICES); 0 without a driver. Asked of the driver
     directly, because Caffe has no such query and aborts on a device id that does not exist."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
     count = ctypes.c_int(0)
     try:
+        driver = ctypes.CDLL("libcuda.so.1")
         if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
             return 0
-    except AttributeError:
+    except (OSError, AttributeError):
         return 0
     return int(count.value)
 
@@ -128,18 +118,6 @@ def create_caffe_engine(net: Net, pooling: str, gpu: int, verbose: bool = False)
     return CaffeEngine(net, pooling, device, caffe=caffe), notice
 
 
-# ----------------------------------------------------------------------------------------------- engine
-
-
-@dataclass(frozen=True)
-class _Topology:
-    """Caffe's layer order, which includes the Split layers Caffe inserts where a blob has several readers."""
-
-    layer_names: list[str]
-    last_writer: dict[str, int]  # blob -> index of the last layer with it as a top (the in-place ReLU, say)
-    readers: dict[str, list[int]]  # blob -> indices of the layers with it as a bottom
-
-
 @dataclass(frozen=True)
 class _Plan:
     """How one objective's backward pass runs through the Caffe net."""
@@ -153,12 +131,12 @@ class _Plan:
 class CaffeEngine(Engine):
     name = "caffe"
 
-    def __init__(self, net: Net, pooling: str, device: str = "cpu", *, caffe: Any = None,
-                 verbose: bool = False) -> None:
+    def __init__(self, net: Net, pooling: str, device: str, *, caffe: Any) -> None:
+        """`caffe` is the module import_caffe gives."""
         super().__init__(net, pooling, device)
         if pooling not in ("avg", "max", "file"):
             raise EngineError(f"pooling must be avg, max or file, got {pooling!r}")
-        self._caffe = caffe if caffe is not None else import_caffe(verbose)
+        self._caffe = caffe
         self._override = None if pooling == "file" else pooling
         match = re.fullmatch(r"cuda:(\d+)", device)
         if device != "cpu" and match is None:
@@ -173,7 +151,11 @@ class CaffeEngine(Engine):
             if layer.type == "Convolution" and layer.name not in net.weights:
                 raise ModelError(f"layer {layer.name!r} has no weights")
         self._cnet: Any = None
-        self._topology: _Topology | None = None
+        # Caffe's layer order, which includes the Split layers Caffe inserts where a blob has several readers;
+        # blob -> index of the last layer with it as a top (the in-place ReLU, say); blob -> indices of its readers.
+        self._layer_names: list[str] = []
+        self._last_writers: dict[str, int] = {}
+        self._readers: dict[str, list[int]] = {}
         self._size: tuple[int, int] | None = None
         self._checked: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
         self._plans: dict[tuple[str, ...], _Plan] = {}
@@ -243,63 +225,56 @@ class CaffeEngine(Engine):
         names = [str(n) for n in cnet._layer_names]
         if len(set(names)) != len(names):
             raise ModelError("a layer name of the net clashes with a Split layer Caffe inserted")
-        last_writer: dict[str, int] = {}
-        readers: dict[str, list[int]] = {}
         for index, name in enumerate(names):
             for top in cnet.top_names[name]:
-                last_writer[str(top)] = index
+                self._last_writers[str(top)] = index
             for bottom in cnet.bottom_names[name]:
-                readers.setdefault(str(bottom), []).append(index)
+                self._readers.setdefault(str(bottom), []).append(index)
         self._cnet = cnet
-        self._topology = _Topology(names, last_writer, readers)
+        self._layer_names = names
 
     def _check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        blobs = self._cnet.blobs
         for name, shape in shapes.items():
-            got = tuple(blobs[name].data.shape)
+            got = tuple(self._cnet.blobs[name].data.shape)
             if got != tuple(shape):
                 raise EngineError(f"Caffe gives blob {name!r} the shape {fmt_shape(got)}, this tool expects "
                                   f"{fmt_shape(shape)}")
 
     def _last_writer(self, blob: str) -> int:
-        assert self._topology is not None
-        index = self._topology.last_writer.get(blob)
+        index = self._last_writers.get(blob)
         if index is None:
             raise ModelError(f"the net has no blob {blob!r}; available: "
                              f"{', '.join(self.net.blob_names()[1:])}")
         return index
 
-    # -- features
-
     def features(self, image: np.ndarray, blobs: Sequence[str]) -> dict[str, np.ndarray]:
         cnet = self._net_for(image)
-        assert self._topology is not None
         if blobs:
             end = max(self._last_writer(b) for b in blobs)
-            cnet.forward(end=self._topology.layer_names[end])
+            cnet.forward(end=self._layer_names[end])
         return {b: np.array(cnet.blobs[b].data[0], dtype=np.float32) for b in blobs}
 
-    # -- objective and gradient
-
-    def bind(self, objective: Objective) -> CaffeEvaluator:
-        return CaffeEvaluator(self, objective)
+    def bind(self, objective: Objective) -> Evaluator:
+        """The objective with the torch engine's loss functions, which read Caffe's blobs without a copy. The net
+        and its blobs are the engine's; each evaluation writes every blob it reads before reading it."""
+        targets = TorchTargets.of(objective, lambda a: torch.from_numpy(np.array(a, dtype=np.float32)),
+                                  torch.contiguous_format)
+        return FeatureGradEvaluator(self, objective, targets, torch.float32)
 
     def _plan(self, layers: tuple[str, ...]) -> _Plan:
         plan = self._plans.get(layers)
         if plan is not None:
             return plan
-        topo = self._topology
-        assert topo is not None
         writers = {b: self._last_writer(b) for b in layers}
         end = max(writers.values())
 
         def read_later(blob: str, after: int) -> bool:
-            return any(after < r <= end for r in topo.readers.get(blob, []))
+            return any(after < r <= end for r in self._readers.get(blob, []))
 
         groups: dict[int, list[str]] = {}
         for blob, index in writers.items():
             groups.setdefault(index, []).append(blob)
-        dangling = [b for b, w in topo.last_writer.items()
+        dangling = [b for b, w in self._last_writers.items()
                     if w <= end and b not in writers and not read_later(b, w)]
         plan = _Plan(end=end, groups=sorted(groups.items(), reverse=True),
                      accumulate={b: read_later(b, w) for b, w in writers.items()}, dangling=dangling)
@@ -309,11 +284,10 @@ class CaffeEngine(Engine):
     def vjp(self, image: np.ndarray, blobs: Sequence[str], fn: FeatureGrads,
             input_term: InputTerm | None = None) -> tuple[dict[str, float], float, np.ndarray]:
         cnet = self._net_for(image)
-        assert self._topology is not None
         terms: dict[str, float] = {}
         grad = np.zeros(image.shape, np.float32)
         if blobs:
-            names = self._topology.layer_names
+            names = self._layer_names
             plan = self._plan(tuple(blobs))
             cnet.forward(end=names[plan.end])
             feats = {b: torch.from_numpy(cnet.blobs[b].data) for b in blobs}
@@ -336,13 +310,10 @@ class CaffeEngine(Engine):
                 for blob in group:
                     diff = cnet.blobs[blob].diff
                     # A blob `fn` gives no gradient gets none of its own (what flows back through it stays).
-                    if blob not in injected:
-                        if not plan.accumulate[blob]:
-                            diff[...] = 0
-                    elif plan.accumulate[blob]:
+                    if not plan.accumulate[blob]:
+                        diff[...] = injected[blob].numpy() if blob in injected else 0
+                    elif blob in injected:
                         diff += injected[blob].numpy()
-                    else:
-                        diff[...] = injected[blob].numpy()
                 current = index
             cnet.backward(start=names[current], end=names[0])
             grad = np.array(self._input_blob().diff[0], dtype=np.float32)
@@ -354,22 +325,3 @@ class CaffeEngine(Engine):
             value = float(term.detach())
         return terms, value, grad
 
-
-class CaffeEvaluator(Evaluator):
-    """An objective on the Caffe engine: Caffe runs the net, losses.py gives the terms and their feature gradients
-    (the torch engine's functions, reading Caffe's blobs without a copy), and Caffe's backward takes those to the
-    input. The net and its blobs are the engine's; each evaluation writes every blob it reads before reading it."""
-
-    def __init__(self, engine: CaffeEngine, objective: Objective) -> None:
-        self.engine = engine
-        self.objective = objective
-        self.targets = TorchTargets.of(objective, lambda a: torch.from_numpy(np.array(a, dtype=np.float32)),
-                                       torch.contiguous_format)
-
-    def evaluate(self, image: np.ndarray) -> Evaluation:
-        obj = self.objective
-        pixels = PixelTerms(obj, self.targets)
-        terms, _, grad = self.engine.vjp(
-            image, obj.layers, lambda feats: terms_and_feature_grads(obj, self.targets, feats, torch.float32),
-            pixels.term if pixels.any else None)
-        return Evaluation.of(terms, pixels.value("tv"), grad, pixels.value("temporal"))

@@ -33,9 +33,6 @@ from style_transfer.errors import EngineError, ModelError
 _INT_MAX = 2**31 - 1
 
 
-# ----------------------------------------------------------------------------------------------- checks
-
-
 def check_net(net: Net) -> None:
     """Reject, before Caffe sees it, anything Caffe would abort on or compute differently from the torch engine: what
     shape inference checks (blob counts and parameters of each layer type, by the layer table), and Caffe's own rules
@@ -88,9 +85,6 @@ def check_size(net: Net, height: int, width: int, pooling: str | None) -> dict[s
                 raise EngineError(f"the image ({width}x{height}) is too large for Caffe's LRN layer "
                                   f"{layer.name!r}")
     return shapes
-
-
-# ----------------------------------------------------------------------------------------------- prototxt
 
 
 def input_layer_name(net: Net) -> str:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 from pathlib import Path
 
 import torch
-
-_tuned: set[str] = set()
 
 
 def physical_cores() -> int | None:
@@ -30,17 +29,16 @@ def physical_cores() -> int | None:
     return len(groups) or None
 
 
+@functools.cache
 def use_physical_cores() -> None:
     """One intra-op thread per physical core: a second hardware thread on the same core adds contention for the
     FMA units without adding throughput. An explicit OMP_NUM_THREADS (or torch.set_num_threads) wins."""
-    if "threads" in _tuned or os.environ.get("OMP_NUM_THREADS"):
-        return
-    _tuned.add("threads")
     cores = physical_cores()
-    if cores and torch.get_num_threads() > cores:
+    if cores and not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > cores:
         torch.set_num_threads(cores)
 
 
+@functools.cache
 def keep_freed_memory() -> None:
     """Make glibc keep freed blocks for reuse instead of unmapping them (process-wide, once).
 
@@ -48,9 +46,6 @@ def keep_freed_memory() -> None:
     anew and fault in every page, in kernel time (BENCHMARKS.md); from the second evaluation on, the same sizes are
     reused from the heap. The cost is a heap that does not shrink.
     """
-    if "malloc" in _tuned:
-        return
-    _tuned.add("malloc")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     try:

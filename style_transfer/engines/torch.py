@@ -31,18 +31,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from style_transfer import flops
 from style_transfer.caffe_model.layers import RUNNABLE, Layer, concat_axis, conv_geometry, lrn_size, pool_geometry
 from style_transfer.caffe_model.net import Net
-from style_transfer.engines.base import PRECISIONS, Engine, Evaluation, Evaluator, FeatureGrads, InputTerm
+from style_transfer.engines.base import (
+    PRECISIONS,
+    Engine,
+    Evaluation,
+    Evaluator,
+    FeatureGradEvaluator,
+    FeatureGrads,
+    InputTerm,
+)
 from style_transfer.engines.cpu import keep_freed_memory, use_physical_cores
 from style_transfer.errors import EngineError, ModelError
 from style_transfer.losses import (
     Objective,
-    PixelTerms,
     TorchTargets,
     is_nhwc,
     temporal_term_torch,
-    terms_and_feature_grads,
     tv_loss_torch,
     weighted_terms_torch,
 )
@@ -138,14 +145,12 @@ def _pooling(op: _Op) -> Run:
 
     def pool(xs: list[torch.Tensor]) -> torch.Tensor:
         x = xs[0]
-        kernel, stride, pad = p.kernel, p.stride, p.pad
-        if p.global_pooling:
-            kernel = (int(x.shape[2]), int(x.shape[3]))
+        kernel = (int(x.shape[2]), int(x.shape[3])) if p.global_pooling else p.kernel
         if p.method == "max":
-            return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
+            return F.max_pool2d(x, kernel, p.stride, p.pad, ceil_mode=True)
         # Caffe divides by the window clipped to the padded input, padding included: torch's count_include_pad
         # with ceil_mode computes exactly that divisor.
-        return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=True)
+        return F.avg_pool2d(x, kernel, p.stride, p.pad, ceil_mode=True, count_include_pad=True)
 
     return pool
 
@@ -210,8 +215,6 @@ class TorchEngine(Engine):
             # On the CPU oneDNN's float32 kernels want NHWC (BENCHMARKS.md); on CUDA NHWC pays off with tensor cores,
             # which the half precisions use. float64 has no oneDNN kernels, so it stays in the plain layout.
             cl = dtype == torch.float32 and (cpu or precision != "fp32") and not wino_layers
-        if cl:
-            wino_layers = set()
         self.memory_format = torch.channels_last if cl else torch.contiguous_format
         self._ops: list[_Op] = []
         for layer in net.layers:
@@ -234,14 +237,14 @@ class TorchEngine(Engine):
                 # TF32 (float32's range, a 10-bit mantissa) is PyTorch's default for cuDNN convolutions and is made
                 # explicit here; the Gram matrices are plain matmuls, for which PyTorch keeps TF32 off, so they stay
                 # in full float32. Speed and parity with float32 on a GPU: BENCHMARKS.md.
-                stack.enter_context(_cudnn_settings(benchmark=True, allow_tf32=True))
+                cudnn = torch.backends.cudnn
+                for flag in ("benchmark", "allow_tf32"):  # restored on leaving
+                    stack.callback(setattr, cudnn, flag, getattr(cudnn, flag))
+                    setattr(cudnn, flag, True)
             yield
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.unsqueeze(0)
-        if self.memory_format is torch.channels_last:
-            return batch.contiguous(memory_format=torch.channels_last)
-        return batch
+        return x.unsqueeze(0).contiguous(memory_format=self.memory_format)
 
     def _forward(self, x: torch.Tensor, blobs: Sequence[str]) -> dict[str, torch.Tensor]:
         """Blob values with the batch axis (1 x C x H x W), in the engine's memory format."""
@@ -251,7 +254,6 @@ class TorchEngine(Engine):
         ops = self._ops[: last + 1]
         # The last reader of each blob, so that inference can free activations as soon as they are consumed.
         last_read = {b: i for i, op in enumerate(ops) for b in op.layer.bottoms}
-        out: dict[str, torch.Tensor] = {}
         for i, op in enumerate(ops):
             result = op.run([values[b] for b in op.layer.bottoms])
             for b in op.layer.bottoms:
@@ -259,22 +261,22 @@ class TorchEngine(Engine):
                     values.pop(b, None)
             for top in op.layer.tops:
                 values[top] = result
-        for b in blobs:
-            out[b] = values[b]
-        return out
+        return {b: values[b] for b in blobs}
 
     def features(self, image: np.ndarray, blobs: Sequence[str]) -> dict[str, np.ndarray]:
         with torch.inference_mode(), self._running():
             out = self._forward(self._input(self._tensor(image)), blobs)
-            return {b: v[0].to(self.dtype).contiguous().cpu().numpy() for b, v in out.items()}
+            return {b: _numpy(v[0], self.dtype) for b, v in out.items()}
 
-    def bind(self, objective: Objective) -> TorchEvaluator:
-        return TorchEvaluator(self, objective)
+    def bind(self, objective: Objective) -> Evaluator:
+        targets = TorchTargets.of(objective, self._tensor, self.memory_format)
+        if self.tuning.manual_loss_grad:
+            return FeatureGradEvaluator(self, objective, targets, self.dtype)
+        return _AutogradEvaluator(self, objective, targets)
 
     def vjp(self, image: np.ndarray, blobs: Sequence[str], fn: FeatureGrads,
             input_term: InputTerm | None = None) -> tuple[dict[str, float], float, np.ndarray]:
-        x = self._tensor(image)
-        x.requires_grad_(True)
+        x = self._tensor(image).requires_grad_()
         scale = 1.0
         for attempt in range(4):
             with self._running():
@@ -302,30 +304,16 @@ class TorchEngine(Engine):
         return terms, float(extra.detach()), _numpy(grad, self.dtype)
 
 
-class TorchEvaluator(Evaluator):
-    """An objective on the torch engine: the net runs forward, losses.py gives the terms and their feature
-    gradients, and one backward pass takes those to the input."""
+class _AutogradEvaluator(Evaluator):
+    """The plain formulation (`Tuning.manual_loss_grad` off): the losses as torch expressions, everything
+    differentiated by autograd."""
 
-    def __init__(self, engine: TorchEngine, objective: Objective) -> None:
-        self.engine = engine
-        self.objective = objective
-        self.targets = TorchTargets.of(objective, engine._tensor, engine.memory_format)
+    def __init__(self, engine: TorchEngine, objective: Objective, targets: TorchTargets) -> None:
+        self.engine, self.objective, self.targets = engine, objective, targets
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
         engine, obj = self.engine, self.objective
-        if not engine.tuning.manual_loss_grad:
-            return self._evaluate_autograd(image)
-        pixels = PixelTerms(obj, self.targets)
-        terms, _, grad = engine.vjp(image, obj.layers,
-                                    lambda feats: terms_and_feature_grads(obj, self.targets, feats, engine.dtype),
-                                    pixels.term if pixels.any else None)
-        return Evaluation.of(terms, pixels.value("tv"), grad, pixels.value("temporal"))
-
-    def _evaluate_autograd(self, image: np.ndarray) -> Evaluation:
-        """The plain formulation: the losses as torch expressions, everything differentiated by autograd."""
-        engine, obj = self.engine, self.objective
-        x = engine._tensor(image)
-        x.requires_grad_(True)
+        x = engine._tensor(image).requires_grad_()
         with engine._running():
             feats = {k: v[0] for k, v in engine._forward(engine._input(x), obj.layers).items()}
         terms = weighted_terms_torch(obj, self.targets, feats, engine.dtype)
@@ -378,11 +366,7 @@ def _power_of_two_scale(grads: list[torch.Tensor], target: float) -> float:
 
 
 def _last_needed(ops: list[_Op], wanted: set[str]) -> int:
-    last = -1
-    for i, op in enumerate(ops):
-        if wanted.intersection(op.layer.tops):
-            last = i
-    return last
+    return max((i for i, op in enumerate(ops) if wanted.intersection(op.layer.tops)), default=-1)
 
 
 # NNPACK transforms the whole kernel (C_in x C_out x 8 x 8) on every call, a cost that does not shrink with the
@@ -402,9 +386,7 @@ class _WinogradConv(torch.autograd.Function):
         return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, pad, (1, 1))
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:  # type: ignore[override]
         (flipped,) = ctx.saved_tensors
         gx = torch._nnpack_spatial_convolution(grad.contiguous(), flipped, None, ctx.back_pad, (1, 1))
         return gx, None, None, None, None, None
@@ -429,35 +411,14 @@ def _winograd_layers(net: Net, pooling: str | None, forced: bool = False) -> set
         available = False
     if not available:
         return set()
-    from style_transfer.caffe_model.net import infer_shapes
-
     try:
-        shapes = infer_shapes(net, (1, 3, 224, 224))
+        work = flops.count(net, 224, 224)
     except ModelError:
         return set()
-    chosen: set[str] = set()
-    total = eligible = 0
-    for layer in net.layers:
-        if layer.type != "Convolution":
-            continue
-        g = conv_geometry(layer)
-        c_in = shapes[layer.bottoms[0]][1]
-        _n, c_out, h, w = shapes[layer.tops[0]]
-        macs = c_out * h * w * (c_in // g.group) * g.kernel[0] * g.kernel[1]
-        total += macs
-        if (g.kernel == (3, 3) and g.stride == (1, 1) and g.dilation == (1, 1) and g.group == 1
-                and max(g.pad) <= 2):
-            chosen.add(layer.name)
-            eligible += macs
+    geometries = {layer.name: conv_geometry(layer) for layer in net.layers if layer.type == "Convolution"}
+    chosen = {name for name, g in geometries.items() if g.kernel == (3, 3) and g.stride == (1, 1)
+              and g.dilation == (1, 1) and g.group == 1 and max(g.pad) <= 2}
+    total = work.conv_forward_macs
+    eligible = sum(w.forward_macs for w in work.layers if w.name in chosen)
     return chosen if total and eligible * 4 >= total * 3 else set()
 
-
-@contextlib.contextmanager
-def _cudnn_settings(benchmark: bool, allow_tf32: bool) -> Iterator[None]:
-    cudnn = torch.backends.cudnn
-    saved = (cudnn.benchmark, cudnn.allow_tf32)
-    cudnn.benchmark, cudnn.allow_tf32 = benchmark, allow_tf32
-    try:
-        yield
-    finally:
-        cudnn.benchmark, cudnn.allow_tf32 = saved
