@@ -244,8 +244,9 @@ OPTIONS: tuple[Option, ...] = (
            whole(None)),
     Option("engine", ("--engine",), "network engine", "torch", scope="model", choices=ENGINES),
     Option("precision", ("--precision",), "torch engine arithmetic: fp32, or bf16/fp16 autocast (Gram matrices in "
-           "fp32); bf16 is faster on CPUs with AVX512-BF16/AMX and on recent GPUs, fp16 on GPUs only", "fp32",
-           scope="model", choices=PRECISIONS),
+           "fp32); bf16 is faster on CPUs with AVX512-BF16/AMX and on recent GPUs, fp16 on GPUs only; auto: on CPUs "
+           "with AMX, bf16 for the coarse scales and the final scale's first three quarters, then fp32 to finish, "
+           "elsewhere fp32", "fp32", scope="model", choices=("auto", *PRECISIONS)),
     Option("lbfgs_memory", ("--lbfgs-memory",), "L-BFGS-B history size (scipy's maxcor)", 8, whole()),
     Option("tv_weight", ("--tv-weight",), "total-variation weight (on the 0-255 pixel scale)", 0.0, number()),
     Option("max_pixels", ("--max-pixels",), "largest input image accepted, in pixels (decompression-bomb guard)",

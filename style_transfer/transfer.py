@@ -12,6 +12,7 @@ targets.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from style_transfer import images
 from style_transfer.caffe_model.loader import load_net
 from style_transfer.caffe_model.registry import get_model
 from style_transfer.colors import match_colors, original_colors
-from style_transfer.engines import Evaluation, create_engine
+from style_transfer.engines import Engine, Evaluation, create_engine, fast_bf16
 from style_transfer.errors import ModelError, StyleTransferError
 from style_transfer.initial import initial_image
 from style_transfer.options import BY_NAME, check_all, init_kind, parse_layer_weights
@@ -35,6 +36,12 @@ __all__ = ["RunResult", "StyleTransfer", "Stylization", "TemporalTarget", "scale
 
 if TYPE_CHECKING:  # tiling imports torch, which must load after style_transfer/openmp.py has run
     from style_transfer import tiling
+    from style_transfer.losses import Objective
+
+# `--precision auto`: the share of the final scale's iterations run in fp32 after bf16, and the smallest evaluation
+# (FLOPs) worth running in bf16; both measured in BENCHMARKS.md ("A precision schedule").
+FP32_FINISH = 0.25
+BF16_MIN_FLOP = 1e9
 
 
 @dataclass
@@ -91,10 +98,16 @@ class Stylization:
     _on_progress: Callable[[Progress], None] | None = field(default=None, repr=False)
     _cost_model: CostModel | None = field(default=None, repr=False)
     _held: int | None = field(default=None, repr=False)  # the process's resident bytes before the run's own arrays
+    _precisions: list[str] = field(default_factory=list, repr=False)  # of each optimisation phase, in order
 
     @property
     def iterations(self) -> int:
         return sum(n for _, n in self.plan)
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic of the run's optimisation: the engine's, or e.g. "bf16+fp32" for a run that used both."""
+        return "+".join(dict.fromkeys(self._precisions)) or self.transfer.engine.precision
 
     def to_rgb(self, x: np.ndarray) -> np.ndarray:
         """An iterate as the picture the user gets (original colours applied when asked)."""
@@ -116,6 +129,7 @@ class Stylization:
         started = time.perf_counter()
         self.evaluations = 0
         self.tilings = []
+        self._precisions = []
         clock = self._clock = Clock(self.costs(), started)
         self._on_progress = on_progress
         x: np.ndarray | None = None
@@ -130,7 +144,7 @@ class Stylization:
             if x is not None:  # not before a run's first scale: a video frame would pay for it every time
                 tiling.release_free_memory()
             try:
-                evaluate = self._evaluator(content, index)
+                objective, tiles, cost = self._targets(content, index)
             except StyleTransferError as exc:
                 if x is None:
                     raise
@@ -138,28 +152,41 @@ class Stylization:
                 stop_reason, error = "scale_failed", f"scale {index + 1} of {len(self.plan)} ({w}x{h}): {exc}"
                 break
             if x is None:
-                start = initial_image(self.options["init"], content, self.styles, self.blend, self.seed)
+                start = images.preprocess(initial_image(self.options["init"], content, self.styles, self.blend,
+                                                        self.seed))
             else:
-                start = images.resize_to(images.deprocess(x), h, w)
-            # Only the optimiser's own float64 copies of the start and the bounds stay for the scale.
-            optimiser = LBFGSB(evaluate, images.preprocess(start), *images.pixel_bounds(h, w), iters,
-                               self.options["lbfgs_memory"])
-            del content, start
+                start = images.preprocess(images.resize_to(images.deprocess(x), h, w))
+            del content
+            scale_done = 0
+            phases = self._phases(index, cost)
+            for phase, (engine, share) in enumerate(phases):
+                # A phase that stopped early leaves its iterations to the next one.
+                n = iters - scale_done if phase == len(phases) - 1 else min(share, iters - scale_done)
+                if n <= 0:
+                    continue
+                evaluate = self._bound(engine, objective, tiles)
+                # Only the optimiser's own float64 copies of the start and the bounds stay for the phase.
+                optimiser = LBFGSB(evaluate, start, *images.pixel_bounds(h, w), n, self.options["lbfgs_memory"])
 
-            def forward(step: Any, offset: int = done, scale: int = index) -> None:
-                clock.iteration_done()
-                if on_step is not None:
-                    on_step(replace(step, iteration=offset + step.iteration, scale=scale,
-                                    evaluations=self.evaluations))
-                self._tell()
+                def forward(step: Any, offset: int = done, scale: int = index) -> None:
+                    clock.iteration_done()
+                    if on_step is not None:
+                        on_step(replace(step, iteration=offset + step.iteration, scale=scale,
+                                        evaluations=self.evaluations))
+                    self._tell()
 
-            result = optimiser.run(forward)
-            del optimiser
-            done += result.iterations
-            x = result.image
-            evaluation = result.last_evaluation
-            stop_reason, error = result.stop_reason, result.error
-            stopped_early = stopped_early or result.stopped_early
+                result = optimiser.run(forward)
+                del optimiser
+                done += result.iterations
+                scale_done += result.iterations
+                assert result.image is not None  # run() always ends with an iterate
+                start = result.image
+                x = start
+                evaluation = result.last_evaluation
+                stop_reason, error = result.stop_reason, result.error
+                stopped_early = stopped_early or (result.stopped_early and phase == len(phases) - 1)
+                if stop_reason in ("interrupted", "stopped", "nonfinite"):
+                    break
             if stop_reason in ("interrupted", "stopped", "nonfinite"):
                 break
         assert x is not None
@@ -243,7 +270,21 @@ class Stylization:
         self._clock.tile_done(tile_pass, tile, tiles)
         self._tell(tile_pass, tile, tiles)
 
-    def _evaluator(self, content: np.ndarray, index: int) -> Callable[[np.ndarray], Evaluation]:
+    def _phases(self, index: int, cost: ScaleCost) -> list[tuple[Engine, int]]:
+        """The engines a scale runs on, each with its iterations: with `--precision auto` (where bf16 has fast
+        kernels, engines.fast_bf16) every scale big enough runs in bf16, except the final scale's last
+        FP32_FINISH share, which runs in fp32 from where bf16 left off, so that the result is optimised on the
+        float32 objective. The last phase takes whatever iterations the earlier ones left."""
+        st = self.transfer
+        iters = self.plan[index][1]
+        if st.fast_engine is None or cost.evaluation < BF16_MIN_FLOP:
+            return [(st.engine, iters)]
+        finish = math.ceil(FP32_FINISH * iters) if index == len(self.plan) - 1 else 0
+        return [(st.fast_engine, iters - finish), (st.engine, finish)]
+
+    def _targets(self, content: np.ndarray,
+                 index: int) -> tuple[Objective, tiling.TilePlan | None, ScaleCost]:
+        """A scale's objective (the targets made by the engine, in its precision), its tiles and its cost."""
         from style_transfer import tiling
         from style_transfer.losses import Objective
 
@@ -273,14 +314,24 @@ class Stylization:
         if plan is not None and objective.has_temporal:
             raise StyleTransferError("a video frame too large for memory cannot be tiled yet; lower -l/--length or "
                                      "raise --max-memory")
-        evaluator = st.engine.bind(objective) if plan is None else \
-            tiling.TiledEvaluator(st.engine, objective, plan, self._tile)
         self.tilings.append(None if plan is None else plan.summary())
         if plan is not None and st.options["verbose"]:
             h, w = content.shape[:2]
             tile_h, tile_w = plan.tile_size
             self.notices.append(f"{w}x{h}: evaluated in {plan.count} tiles of up to {tile_w}x{tile_h} px "
                                 f"(halo {plan.halo} px)")
+        return objective, plan, cost
+
+    def _bound(self, engine: Engine, objective: Objective,
+               plan: tiling.TilePlan | None) -> Callable[[np.ndarray], Evaluation]:
+        """The objective on `engine`, counted and timed for the progress and the report."""
+        from style_transfer import tiling
+
+        clock = self._clock
+        assert clock is not None
+        evaluator = engine.bind(objective) if plan is None else \
+            tiling.TiledEvaluator(engine, objective, plan, self._tile)
+        self._precisions.append(engine.precision)
 
         def evaluate(image: np.ndarray) -> Evaluation:
             self.evaluations += 1
@@ -315,7 +366,7 @@ class Stylization:
             "model": st.model,
             "iterations": iterations,
             "device": st.engine.device,
-            "precision": st.engine.precision,
+            "precision": self.precision,
             "width": int(x.shape[2]),
             "height": int(x.shape[1]),
             "evaluations": self.evaluations,
@@ -364,10 +415,15 @@ class StyleTransfer:
             parse_layer_weights(opts["content_layers"], "--content-layers")
         self.blobs = list(dict.fromkeys([*self.style_weights, *self.content_weights]))  # what the objective reads
         self.net = load_net(Path(prototxt), Path(weights), self.blobs, opts["pooling"])
+        auto = opts["precision"] == "auto"
         self.engine, notice = create_engine(opts["engine"], self.net, opts["pooling"], opts["gpu"], opts["verbose"],
-                                            opts["precision"])
+                                            "fp32" if auto else opts["precision"])
         if notice:
             self.notices.append(notice)
+        # `--precision auto`: a bf16 twin of the engine for most of the iterations where bf16 has fast kernels.
+        self.fast_engine: Engine | None = None
+        if auto and self.engine.name == "torch" and fast_bf16(self.engine.device):
+            self.fast_engine = create_engine("torch", self.net, opts["pooling"], opts["gpu"], False, "bf16")[0]
         if opts["precision"] == "fp16" and self.engine.device == "cpu":
             self.notices.append("--precision fp16 has no fast kernels on the CPU and runs several times slower than "
                                 "fp32; use bf16 or fp32 there")

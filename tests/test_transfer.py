@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from style_transfer import images, optimize
+from style_transfer import transfer as transfer_module
 from style_transfer.colors import match_colors
 from style_transfer.errors import StyleTransferError
 from style_transfer.losses import Objective
@@ -71,6 +73,65 @@ def test_multiscale_ends_at_full_size_and_warm_starts(transfer: StyleTransfer,
         h, w = start.shape[1:]
         np.testing.assert_allclose(start, images.preprocess(images.resize_to(images.deprocess(previous), h, w)),
                                    atol=1e-4)
+
+
+def test_precision_auto_runs_bf16_then_finishes_the_final_scale_in_fp32(
+        tiny_net: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision auto where bf16 is fast: every scale in bf16 but the final scale's last quarter, which starts
+    from bf16's iterate; the result is scored in fp32. Where bf16 is not fast, auto is fp32, exactly."""
+    proto, model = tiny_net
+    content, style, _ = tiny_images()
+    kw = {"prototxt": proto, "weights": model, "style_layers": "conv1,conv2", "content_layers": "conv3", "gpu": -1}
+    job_kw = {"length": 40, "num_iters": 16, "scales": 2, "min_length": 24, "init": "content"}
+    fp32 = StyleTransfer(precision="fp32", **kw).stylize(content, [style], **job_kw).run()
+    for fast in (False, True):  # no fast bf16 here; or fast bf16, but a net too small for it to pay
+        monkeypatch.setattr(transfer_module, "fast_bf16", lambda device, fast=fast: fast)
+        auto = StyleTransfer(precision="auto", **kw)
+        assert (auto.fast_engine is not None) == fast
+        plain = auto.stylize(content, [style], **job_kw).run()
+        np.testing.assert_array_equal(plain.x, fp32.x)
+        assert plain.report["precision"] == "fp32"
+
+    monkeypatch.setattr(transfer_module, "BF16_MIN_FLOP", 0.0)
+    st = StyleTransfer(precision="auto", **kw)
+    assert st.engine.precision == "fp32" and st.fast_engine is not None and st.fast_engine.precision == "bf16"
+    phases: list[tuple[str, int, tuple[int, ...]]] = []
+    real = optimize.LBFGSB.run
+
+    def spy(self: optimize.LBFGSB, on_step: Any = None) -> optimize.Result:
+        result = real(self, on_step)
+        phases.append((precisions[-1], result.iterations, tuple(self.shape)))
+        return result
+
+    precisions: list[str] = []
+    real_bound = transfer_module.Stylization._bound
+
+    evaluated: list[tuple[str, float]] = []
+
+    def bound(self: Any, engine: Any, objective: Any, plan: Any) -> Any:
+        precisions.append(engine.precision)
+        evaluate = real_bound(self, engine, objective, plan)
+
+        def logged(image: np.ndarray) -> Any:
+            evaluation = evaluate(image)
+            evaluated.append((engine.precision, evaluation.loss))
+            return evaluation
+
+        return logged
+
+    monkeypatch.setattr(optimize.LBFGSB, "run", spy)
+    monkeypatch.setattr(transfer_module.Stylization, "_bound", bound)
+    job = st.stylize(content, [style], **job_kw)
+    (_, n_small), (_, n_final) = job.plan
+    result = job.run()
+    assert [(p, n) for p, n, _ in phases] == [("bf16", n_small), ("bf16", n_final - math.ceil(n_final / 4)),
+                                              ("fp32", math.ceil(n_final / 4))]
+    assert phases[1][2] == phases[2][2] == (3, 30, 40)
+    assert result.report["precision"] == "bf16+fp32" and result.iterations == 16
+    # The reported scores are the fp32 objective's at the result.
+    assert result.evaluation is not None and evaluated[-1] == ("fp32", result.evaluation.loss)
+    # bf16 really ran: the schedule's result is not the fp32 run's.
+    assert not np.array_equal(result.x, fp32.x)
 
 
 def test_too_small_first_scale_names_min_length(transfer: StyleTransfer) -> None:

@@ -8,7 +8,7 @@ from style_transfer.errors import EngineError
 
 ENGINES = ("torch", "caffe")
 
-__all__ = ["ENGINES", "PRECISIONS", "Engine", "Evaluation", "Evaluator", "create_engine"]
+__all__ = ["ENGINES", "PRECISIONS", "Engine", "Evaluation", "Evaluator", "create_engine", "fast_bf16"]
 
 
 def create_engine(name: str, net: Net, pooling: str, gpu: int, verbose: bool = False,
@@ -26,3 +26,15 @@ def create_engine(name: str, net: Net, pooling: str, gpu: int, verbose: bool = F
 
         return create_caffe_engine(net, pooling, gpu, verbose)
     raise EngineError(f"unknown engine {name!r}; known engines: {', '.join(ENGINES)}")
+
+
+def fast_bf16(device: str) -> bool:
+    """Whether bf16 convolutions on `device` are fast enough for `--precision auto` to use them: CPUs with AMX tiles.
+    AVX512-BF16 alone gained too little per evaluation to pay for bf16's noisier gradients, and GPUs are not measured
+    (BENCHMARKS.md, "A precision schedule")."""
+    if device != "cpu":
+        return False
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence the guard; absent means no AMX
+    return bool(probe is not None and probe())
