@@ -98,7 +98,8 @@ def profile(model: str, length: int, repeats: int, warmup: int, variant: str) ->
                     values[top] = result
             feats = {b: values[b] for b in obj.layers}
         t0 = time.perf_counter()
-        terms, roots, grads = terms_and_feature_grads(obj, targets, feats, engine.dtype)
+        terms, feature_grads = terms_and_feature_grads(obj, targets, feats, engine.dtype)
+        roots, grads = [feats[b] for b in feature_grads], list(feature_grads.values())
         times["loss terms and feature gradients"] = time.perf_counter() - t0
         del feats, values
         t0 = time.perf_counter()
