@@ -114,6 +114,9 @@ def _now() -> float:
 
 EVALUATIONS_PER_ITERATION = 1.1  # L-BFGS-B's evaluations per iteration until the run has counted its own
 SMOOTHING = 0.5  # weight of the newest speed sample: the speed follows the current scale's size and tiling
+# How much faster a bf16 evaluation runs than an fp32 one where `--precision auto` uses bf16 (AMX; BENCHMARKS.md):
+# the clock counts a bf16 evaluation as this much less work, so that the time left allows for the fp32 finish.
+BF16_SPEEDUP = 2.4
 
 
 @dataclass(frozen=True)
@@ -126,11 +129,19 @@ class ScaleCost:
     tiles: int  # tiles per evaluation pass; 0 when the image is evaluated whole
     evaluation: float  # one evaluation (a tiled one: both passes over every tile, halos included)
     targets: float  # the style and content targets made before the scale starts
+    bf16_iterations: int = 0  # the first iterations, run in bf16 (`--precision auto`); the rest run in fp32
 
     def work(self, per_iteration: float | None = None) -> float:
         """The whole scale's FLOPs: its targets, the evaluation at its start and those of its iterations."""
         epi = EVALUATIONS_PER_ITERATION if per_iteration is None else per_iteration
         return self.targets + (1 + self.iterations * epi) * self.evaluation
+
+    def effort(self, done: int = 0) -> float:
+        """An evaluation's work as the clock counts it, on average over the iterations after the first `done`: in
+        fp32 FLOPs, a bf16 evaluation counting BF16_SPEEDUP times less."""
+        left = max(0, self.iterations - done)
+        bf16 = max(0, self.bf16_iterations - done)
+        return self.evaluation * ((bf16 / BF16_SPEEDUP + left - bf16) / left if left else 1.0)
 
 
 class CostModel:
@@ -206,7 +217,7 @@ class Clock:
     scale_iterations: int = 0  # in the current scale
     scale_evaluations: int = 0
     fraction: float = 0.0  # of the current piece of work (targets or evaluation), from its tiles
-    rate: float | None = None  # FLOPs per second
+    rate: float | None = None  # FLOPs per second, a bf16 evaluation's counted as in ScaleCost.effort
     _mark: float = 0.0  # when the last piece of work ended
 
     def __post_init__(self) -> None:
@@ -224,7 +235,8 @@ class Clock:
         self.stage = "evaluation"
 
     def evaluation_done(self) -> None:
-        self._measure(self.costs[self.scale].evaluation)
+        cost = self.costs[self.scale]
+        self._measure(cost.evaluation / (BF16_SPEEDUP if self.scale_iterations < cost.bf16_iterations else 1.0))
         self.evaluations += 1
         self.scale_evaluations += 1
 
@@ -258,13 +270,14 @@ class Clock:
         cost = self.costs[self.scale]
         iterations_left = max(0, cost.iterations - self.scale_iterations)
         evaluations_left = max(iterations_left * 1.0, 1 + cost.iterations * epi - self.scale_evaluations)
-        total = evaluations_left * cost.evaluation
+        evaluation = cost.effort(self.scale_iterations)
+        total = evaluations_left * evaluation
         if self.stage == "targets":
             total += (1 - self.fraction) * cost.targets
         else:
-            total -= min(self.fraction, 1.0) * cost.evaluation
+            total -= min(self.fraction, 1.0) * evaluation
         for later in self.costs[self.scale + 1:]:
-            total += later.work(epi)
+            total += later.targets + (1 + later.iterations * epi) * later.effort()
         return max(0.0, total)
 
     def remaining(self) -> float | None:

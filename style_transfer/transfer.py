@@ -158,7 +158,7 @@ class Stylization:
                 start = images.preprocess(images.resize_to(images.deprocess(x), h, w))
             del content
             scale_done = 0
-            phases = self._phases(index, cost)
+            phases = self._phases(cost)
             for phase, (engine, share) in enumerate(phases):
                 # A phase that stopped early leaves its iterations to the next one.
                 n = iters - scale_done if phase == len(phases) - 1 else min(share, iters - scale_done)
@@ -257,8 +257,9 @@ class Stylization:
             return None if p is None else p.tile_sizes()
 
         styles = [(size, tiles(p)) for size, p in zip(style_sizes, style_plans, strict=True)]
-        cost = ScaleCost(w, h, iterations, 0 if plan is None else plan.count, model.evaluation(h, w, tiles(plan)),
-                         model.targets((h, w), tiles(plan), styles))
+        evaluation = model.evaluation(h, w, tiles(plan))
+        cost = ScaleCost(w, h, iterations, 0 if plan is None else plan.count, evaluation,
+                         model.targets((h, w), tiles(plan), styles), self._bf16_iterations(index, evaluation))
         return cost, style_plans, plan
 
     def _tell(self, tile_pass: int = 0, tile: int = 0, tiles: int = 0) -> None:
@@ -270,17 +271,21 @@ class Stylization:
         self._clock.tile_done(tile_pass, tile, tiles)
         self._tell(tile_pass, tile, tiles)
 
-    def _phases(self, index: int, cost: ScaleCost) -> list[tuple[Engine, int]]:
-        """The engines a scale runs on, each with its iterations: with `--precision auto` (where bf16 has fast
-        kernels, engines.fast_bf16) every scale big enough runs in bf16, except the final scale's last
-        FP32_FINISH share, which runs in fp32 from where bf16 left off, so that the result is optimised on the
-        float32 objective. The last phase takes whatever iterations the earlier ones left."""
+    def _phases(self, cost: ScaleCost) -> list[tuple[Engine, int]]:
+        """The engines a scale runs on, each with its iterations (the last one takes whatever the earlier left)."""
         st = self.transfer
-        iters = self.plan[index][1]
-        if st.fast_engine is None or cost.evaluation < BF16_MIN_FLOP:
-            return [(st.engine, iters)]
-        finish = math.ceil(FP32_FINISH * iters) if index == len(self.plan) - 1 else 0
-        return [(st.fast_engine, iters - finish), (st.engine, finish)]
+        if st.fast_engine is None or not cost.bf16_iterations:
+            return [(st.engine, cost.iterations)]
+        return [(st.fast_engine, cost.bf16_iterations), (st.engine, cost.iterations - cost.bf16_iterations)]
+
+    def _bf16_iterations(self, index: int, evaluation: float) -> int:
+        """With `--precision auto` where bf16 has fast kernels (engines.fast_bf16): every scale whose evaluation is
+        big enough runs in bf16, except the final scale's last FP32_FINISH share, which runs in fp32 from where bf16
+        left off, so that the result is optimised on the float32 objective."""
+        iterations = self.plan[index][1]
+        if self.transfer.fast_engine is None or evaluation < BF16_MIN_FLOP:
+            return 0
+        return iterations - (math.ceil(FP32_FINISH * iterations) if index == len(self.plan) - 1 else 0)
 
     def _targets(self, content: np.ndarray,
                  index: int) -> tuple[Objective, tiling.TilePlan | None, ScaleCost]:

@@ -142,6 +142,32 @@ def test_clock_counts_the_later_bigger_scales_and_follows_the_measured_speed(
     assert before - middle == pytest.approx(middle - after)  # pass 1 is a third, half of pass 2 another third
 
 
+def test_clock_allows_for_the_fp32_finish_after_faster_bf16_evaluations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision auto: a bf16 evaluation counts BF16_SPEEDUP times less work, so that the speed measured in bf16
+    does not promise the slower fp32 finish too early."""
+    clock_time = FakeTime()
+    monkeypatch.setattr(plan_module, "_now", clock_time)
+    speedup = plan_module.BF16_SPEEDUP
+    cost = ScaleCost(512, 384, 8, 0, 1e9, 0.0, bf16_iterations=6)
+    assert cost.effort() == pytest.approx(1e9 * (6 / speedup + 2) / 8)
+    assert cost.effort(6) == pytest.approx(1e9) and cost.effort(8) == pytest.approx(1e9)
+    clock = Clock([cost])
+    clock.start_scale(0)
+    clock.targets_done()
+    clock_time.now += 1.0 / speedup  # a bf16 evaluation, in the time that work takes at 1 GFLOP/s in fp32
+    clock.evaluation_done()
+    assert clock.rate == pytest.approx(1e9)
+    for _ in range(6):  # each bf16 iteration's evaluation ends before the iteration does
+        clock_time.now += 1.0 / speedup
+        clock.evaluation_done()
+        clock.iteration_done()
+    assert clock.rate == pytest.approx(1e9)
+    left = clock.remaining()
+    assert left is not None
+    # Two fp32 iterations left, one evaluation each (this clock has counted 7 evaluations in 6 iterations): 2 s.
+    assert left == pytest.approx(2.0)
+
+
 def test_a_run_reports_tiles_evaluations_and_the_time_left(transfer: StyleTransfer,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Progress from the library, never printed by it: targets and both evaluation passes tile by tile, every
