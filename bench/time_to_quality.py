@@ -67,6 +67,7 @@ VARIANTS = {v.name: v for v in [
     Variant("reference", 8, engine="reference"),
     Variant("default", 8, engine="tool"),
     Variant("default-bf16", 8, engine="tool", precision="bf16"),
+    Variant("auto", 8, engine="tool", precision="auto"),
     Variant("bf16-fp32-128", 8, engine="tool", precision="bf16", switch_at=128),
     Variant("bf16-fp32-256", 8, engine="tool", precision="bf16", switch_at=256),
     Variant("plain-m8", 8, engine="plain"),
@@ -437,15 +438,19 @@ def run_against_reference(variant: Variant, length: int, iters: int, gate: Gate 
             __call__ = evaluate
 
         bound: list[Any] = []
+        precision = ["fp32"]  # of the evaluator bound last: `--precision auto` switches from bf16 to fp32 in a run
 
         def timed(transfer: StyleTransfer) -> None:
-            plain_bind = transfer.engine.bind
+            for engine in (transfer.engine, transfer.fast_engine):
+                if engine is None:
+                    continue
 
-            def timed_bind(objective: Any) -> Timed:
-                bound[:] = [plain_bind(objective)]
-                return Timed(bound[0])
+                def timed_bind(objective: Any, plain_bind: Any = engine.bind, engine: Any = engine) -> Timed:
+                    bound[:] = [plain_bind(objective)]
+                    precision[0] = engine.precision
+                    return Timed(bound[0])
 
-            setattr(transfer.engine, "bind", timed_bind)  # noqa: B010
+                setattr(engine, "bind", timed_bind)  # noqa: B010
 
         phases = [(st, variant.switch_at or iters)]
         if variant.switch_at and variant.switch_at < iters:
@@ -454,11 +459,11 @@ def run_against_reference(variant: Variant, length: int, iters: int, gate: Gate 
         done = 0
         for transfer, n in phases:
             timed(transfer)
-            low = transfer.engine.precision != "fp32"
 
-            def on_step(step: Any, low: bool = low, offset: int = done, last: int = done + n) -> None:
+            def on_step(step: Any, offset: int = done, last: int = done + n) -> None:
                 number = offset + step.iteration
-                if low:  # a half-precision objective: the curve is the float32 one, scored off the clock
+                if precision[0] != "fp32":  # a half-precision objective: the curve is the float32 one, scored off
+                    # the clock
                     if number % RECHECK_EVERY and number < last:
                         iterations.append((clock.now(), float("nan"), len(evals)))
                         return

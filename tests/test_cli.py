@@ -282,9 +282,9 @@ from typing import Any
 from style_transfer import transfer
 from style_transfer.cli import main
 marker = Path(sys.argv[1])
-real = transfer.Stylization._evaluator
-def slow(self, content, length):
-    evaluate = real(self, content, length)
+real = transfer.Stylization._bound
+def slow(self, engine, objective, plan):
+    evaluate = real(self, engine, objective, plan)
     count = [0]
     def wrapped(image):
         count[0] += 1
@@ -294,7 +294,7 @@ def slow(self, content, length):
                 evaluate(image)
         return evaluate(image)
     return wrapped
-transfer.Stylization._evaluator = slow
+transfer.Stylization._bound = slow
 sys.exit(main(sys.argv[2:]))
 """
 

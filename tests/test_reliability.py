@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,11 +91,11 @@ def test_bad_input_one_line(setup: dict[str, Path], over: dict[str, str], messag
 
 def test_nan_loss_keeps_last_good_image(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    real = transfer.Stylization._evaluator
+    real = transfer.Stylization._bound
     calls = {"n": 0}
 
-    def flaky(self: transfer.Stylization, content: np.ndarray, length: int):  # type: ignore[no-untyped-def]
-        evaluate = real(self, content, length)
+    def flaky(self: transfer.Stylization, engine: Any, objective: Any, plan: Any):  # type: ignore[no-untyped-def]
+        evaluate = real(self, engine, objective, plan)
 
         def wrapped(image: np.ndarray):  # type: ignore[no-untyped-def]
             calls["n"] += 1
@@ -105,7 +106,7 @@ def test_nan_loss_keeps_last_good_image(setup: dict[str, Path], monkeypatch: pyt
 
         return wrapped
 
-    monkeypatch.setattr(transfer.Stylization, "_evaluator", flaky)
+    monkeypatch.setattr(transfer.Stylization, "_bound", flaky)
     args = _args(setup)
     args[args.index("-n") + 1] = "50"
     code = main(args)
