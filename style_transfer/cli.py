@@ -172,8 +172,7 @@ def plan_lines(costs: Sequence[ScaleCost]) -> list[str]:
     for i, c in enumerate(costs, 1):
         tiles = f"{c.tiles} tiles" if c.tiles else "whole"
         iterations = f"{c.iterations} iteration{'s' * (c.iterations != 1)}"
-        precision = "" if not c.bf16_iterations else ", bf16" if c.bf16_iterations == c.iterations else \
-            f", bf16 then fp32 for the last {c.iterations - c.bf16_iterations}"
+        precision = ", bf16" if c.bf16_iterations else ""
         lines.append(f"  scale {i}: {c.width}x{c.height}, {iterations}, {tiles}{precision}, "
                      f"{c.evaluation / 1e9:.4g} GFLOP per evaluation, {100 * c.work() / total:.0f}% of the work")
     return lines

@@ -243,10 +243,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", ("--seed",), "random seed for noise initialisation (default: drawn, and reported)", None,
            whole(None)),
     Option("engine", ("--engine",), "network engine", "torch", scope="model", choices=ENGINES),
-    Option("precision", ("--precision",), "torch engine arithmetic: fp32, or bf16/fp16 autocast (Gram matrices in "
-           "fp32); bf16 is faster on CPUs with AVX512-BF16/AMX and on recent GPUs, fp16 on GPUs only; auto: on CPUs "
-           "with AMX, bf16 for the coarse scales and the final scale's first three quarters, then fp32 to finish, "
-           "elsewhere fp32", "fp32", scope="model", choices=("auto", *PRECISIONS)),
+    Option("precision", ("--precision",), "torch engine arithmetic: fp32, or bf16/fp16 autocast convolutions "
+           "(Gram matrices, targets and scores in fp32); auto is bf16 on CPUs with AMX, where it reaches a given "
+           "loss about twice as soon, and fp32 elsewhere; fp16 is for GPUs only", "auto", scope="model",
+           choices=("auto", *PRECISIONS)),
     Option("lbfgs_memory", ("--lbfgs-memory",), "L-BFGS-B history size (scipy's maxcor)", 8, whole()),
     Option("tv_weight", ("--tv-weight",), "total-variation weight (on the 0-255 pixel scale)", 0.0, number()),
     Option("max_pixels", ("--max-pixels",), "largest input image accepted, in pixels (decompression-bomb guard)",

@@ -115,7 +115,8 @@ def _now() -> float:
 EVALUATIONS_PER_ITERATION = 1.1  # L-BFGS-B's evaluations per iteration until the run has counted its own
 SMOOTHING = 0.5  # weight of the newest speed sample: the speed follows the current scale's size and tiling
 # How much faster a bf16 evaluation runs than an fp32 one where `--precision auto` uses bf16 (AMX; BENCHMARKS.md):
-# the clock counts a bf16 evaluation as this much less work, so that the time left allows for the fp32 finish.
+# the clock counts a bf16 evaluation as this much less work, so that the speed of fp32 scales (the small ones, and
+# the scoring of the result) does not stand for bf16's, or the other way round.
 BF16_SPEEDUP = 2.4
 
 

@@ -12,7 +12,6 @@ targets.
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -38,10 +37,11 @@ if TYPE_CHECKING:  # tiling imports torch, which must load after style_transfer/
     from style_transfer import tiling
     from style_transfer.losses import Objective
 
-# `--precision auto`: the share of the final scale's iterations run in fp32 after bf16, and the smallest evaluation
-# (FLOPs) worth running in bf16; both measured in BENCHMARKS.md ("A precision schedule").
-FP32_FINISH = 0.25
+# `--precision auto`: the smallest evaluation (FLOPs) run in bf16. The tiny nets of the tests stay far below it;
+# VGG at 64 px is above it (BENCHMARKS.md, "bf16 by default where it pays").
 BF16_MIN_FLOP = 1e9
+# How a run ends other than by finishing its iterations (RunResult.stop_reason).
+_CUT = ("interrupted", "stopped", "nonfinite", "scale_failed")
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Stylization:
     _on_progress: Callable[[Progress], None] | None = field(default=None, repr=False)
     _cost_model: CostModel | None = field(default=None, repr=False)
     _held: int | None = field(default=None, repr=False)  # the process's resident bytes before the run's own arrays
-    _precisions: list[str] = field(default_factory=list, repr=False)  # of each optimisation phase, in order
+    _precisions: list[str] = field(default_factory=list, repr=False)  # each scale's optimisation's, in order
 
     @property
     def iterations(self) -> int:
@@ -127,6 +127,7 @@ class Stylization:
         from style_transfer.optimize import LBFGSB
 
         started = time.perf_counter()
+        st = self.transfer
         self.evaluations = 0
         self.tilings = []
         self._precisions = []
@@ -157,46 +158,39 @@ class Stylization:
             else:
                 start = images.preprocess(images.resize_to(images.deprocess(x), h, w))
             del content
-            scale_done = 0
-            phases = self._phases(cost)
-            for phase, (engine, share) in enumerate(phases):
-                # A phase that stopped early leaves its iterations to the next one.
-                n = iters - scale_done if phase == len(phases) - 1 else min(share, iters - scale_done)
-                if n <= 0:
-                    continue
-                evaluate = self._bound(engine, objective, tiles)
-                # Only the optimiser's own float64 copies of the start and the bounds stay for the phase.
-                optimiser = LBFGSB(evaluate, start, *images.pixel_bounds(h, w), n, self.options["lbfgs_memory"])
+            engine = st.fast_engine if cost.bf16_iterations and st.fast_engine else st.engine
+            self._precisions.append(engine.precision)
+            evaluate = self._bound(engine, objective, tiles)
+            # Only the optimiser's own float64 copies of the start and the bounds stay for the scale.
+            optimiser = LBFGSB(evaluate, start, *images.pixel_bounds(h, w), iters, self.options["lbfgs_memory"])
 
-                def forward(step: Any, offset: int = done, scale: int = index) -> None:
-                    clock.iteration_done()
-                    if on_step is not None:
-                        on_step(replace(step, iteration=offset + step.iteration, scale=scale,
-                                        evaluations=self.evaluations))
-                    self._tell()
+            def forward(step: Any, offset: int = done, scale: int = index) -> None:
+                clock.iteration_done()
+                if on_step is not None:
+                    on_step(replace(step, iteration=offset + step.iteration, scale=scale,
+                                    evaluations=self.evaluations))
+                self._tell()
 
-                result = optimiser.run(forward)
-                del optimiser
-                done += result.iterations
-                scale_done += result.iterations
-                assert result.image is not None  # run() always ends with an iterate
-                start = result.image
-                x = start
-                evaluation = result.last_evaluation
-                stop_reason, error = result.stop_reason, result.error
-                stopped_early = stopped_early or (result.stopped_early and phase == len(phases) - 1)
-                if stop_reason in ("interrupted", "stopped", "nonfinite"):
-                    break
+            result = optimiser.run(forward)
+            del optimiser
+            done += result.iterations
+            x = result.image
+            evaluation = result.last_evaluation
+            stop_reason, error = result.stop_reason, result.error
+            stopped_early = stopped_early or result.stopped_early
             if stop_reason in ("interrupted", "stopped", "nonfinite"):
                 break
         assert x is not None
+        if evaluate is not None and self._precisions[-1] != st.engine.precision and stop_reason not in _CUT:
+            # A bf16 run's scores are the float32 objective's, as every other run's are.
+            evaluate, evaluation = self._bound(st.engine, objective, tiles), None
         if evaluation is None and evaluate is not None:
             try:
                 evaluation = evaluate(x)
             except KeyboardInterrupt:
                 stop_reason = "interrupted"  # a second Ctrl-C: the image is kept, its scores are not
         seconds = time.perf_counter() - started
-        if stopped_early and stop_reason not in ("interrupted", "stopped", "nonfinite", "scale_failed"):
+        if stopped_early and stop_reason not in _CUT:
             self.notices.append(f"L-BFGS-B stopped after {done} of {self.iterations} iterations: {stop_reason}")
         report = self._report(x, evaluation, done, seconds, stop_reason)
         return RunResult(rgb=self.to_rgb(x), x=x, evaluation=evaluation, iterations=done, stop_reason=stop_reason,
@@ -271,21 +265,12 @@ class Stylization:
         self._clock.tile_done(tile_pass, tile, tiles)
         self._tell(tile_pass, tile, tiles)
 
-    def _phases(self, cost: ScaleCost) -> list[tuple[Engine, int]]:
-        """The engines a scale runs on, each with its iterations (the last one takes whatever the earlier left)."""
-        st = self.transfer
-        if st.fast_engine is None or not cost.bf16_iterations:
-            return [(st.engine, cost.iterations)]
-        return [(st.fast_engine, cost.bf16_iterations), (st.engine, cost.iterations - cost.bf16_iterations)]
-
     def _bf16_iterations(self, index: int, evaluation: float) -> int:
-        """With `--precision auto` where bf16 has fast kernels (engines.fast_bf16): every scale whose evaluation is
-        big enough runs in bf16, except the final scale's last FP32_FINISH share, which runs in fp32 from where bf16
-        left off, so that the result is optimised on the float32 objective."""
-        iterations = self.plan[index][1]
+        """With `--precision auto` where bf16 has fast kernels (engines.fast_bf16), a scale whose evaluation is big
+        enough runs in bf16: all its iterations. Its targets, and a finished run's scores, are float32."""
         if self.transfer.fast_engine is None or evaluation < BF16_MIN_FLOP:
             return 0
-        return iterations - (math.ceil(FP32_FINISH * iterations) if index == len(self.plan) - 1 else 0)
+        return self.plan[index][1]
 
     def _targets(self, content: np.ndarray,
                  index: int) -> tuple[Objective, tiling.TilePlan | None, ScaleCost]:
@@ -336,7 +321,6 @@ class Stylization:
         assert clock is not None
         evaluator = engine.bind(objective) if plan is None else \
             tiling.TiledEvaluator(engine, objective, plan, self._tile)
-        self._precisions.append(engine.precision)
 
         def evaluate(image: np.ndarray) -> Evaluation:
             self.evaluations += 1

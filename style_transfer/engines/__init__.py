@@ -30,8 +30,8 @@ def create_engine(name: str, net: Net, pooling: str, gpu: int, verbose: bool = F
 
 def fast_bf16(device: str) -> bool:
     """Whether bf16 convolutions on `device` are fast enough for `--precision auto` to use them: CPUs with AMX tiles.
-    AVX512-BF16 alone gained too little per evaluation to pay for bf16's noisier gradients, and GPUs are not measured
-    (BENCHMARKS.md, "A precision schedule")."""
+    AVX512-BF16 alone gained too little per evaluation to pay for bf16's slower progress per iteration, and GPUs are
+    not measured (BENCHMARKS.md, "bf16 by default where it pays")."""
     if device != "cpu":
         return False
     import torch
