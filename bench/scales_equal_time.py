@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    st = StyleTransfer("vgg16", weights=args.weights, pooling=args.pooling, gpu=-1)
+    st = StyleTransfer("vgg16", weights=args.weights, pooling=args.pooling, gpu=-1, precision="fp32")
     content = images.load_image(args.content)
     style = images.load_image(args.style)
     variants = [("single-scale", 1, 100000), ("2 scales", 2, 100000), ("3 scales", 3, 100000)]

@@ -150,7 +150,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     from style_transfer.transfer import StyleTransfer
 
     started = time.perf_counter()
-    st = StyleTransfer(MODEL, gpu=-1, weights=config["weights"])
+    st = StyleTransfer(MODEL, gpu=-1, weights=config["weights"], precision="fp32")
     content = images.load_image(config["content"])
     style = images.load_image(config["style"])
     length = int(config["length"])

@@ -65,9 +65,9 @@ class Variant:
 
 VARIANTS = {v.name: v for v in [
     Variant("reference", 8, engine="reference"),
-    Variant("default", 8, engine="tool"),
+    Variant("default", 8, engine="tool", precision="auto"),
+    Variant("fp32", 8, engine="tool"),
     Variant("default-bf16", 8, engine="tool", precision="bf16"),
-    Variant("auto", 8, engine="tool", precision="auto"),
     Variant("bf16-fp32-128", 8, engine="tool", precision="bf16", switch_at=128),
     Variant("bf16-fp32-256", 8, engine="tool", precision="bf16", switch_at=256),
     Variant("plain-m8", 8, engine="plain"),
@@ -337,10 +337,12 @@ def run_against_reference(variant: Variant, length: int, iters: int, gate: Gate 
 
     `reference`: bench/reference_gatys.py (plain autograd through its own VGG16, scipy's L-BFGS-B with its
     defaults and history 8). `default`: the tool's own path, `StyleTransfer("vgg16").stylize(...).run(on_step)`,
-    with every default option; each evaluation is timed through the evaluator the run binds. Both get one warm-up
-    evaluation off the clock, at their starting image. `default-bf16` and `bf16-fp32-*` are the tool with
-    `precision="bf16"` (for `switch_at` iterations, then in fp32 from that image, as a second run would); their
-    curve is the float32 objective, scored off the clock every RECHECK_EVERY iterations."""
+    with every default option (`--precision auto`: bf16 where the CPU has AMX); each evaluation is timed through the
+    evaluator the run binds. Both get one warm-up evaluation off the clock, at their starting image. `fp32` is the
+    tool in fp32; `default-bf16` and `bf16-fp32-*` the tool with `precision="bf16"` (for `switch_at` iterations,
+    then in fp32 from that image, as a second run would). A bf16 curve is the float32 objective, scored off the
+    clock every RECHECK_EVERY iterations. (Result files from before `auto` was the default name the fp32 tool
+    `default`.)"""
     from bench.reference_gatys import Reference
     from bench.weights import weights_for
     from style_transfer import images
@@ -423,7 +425,7 @@ def run_against_reference(variant: Variant, length: int, iters: int, gate: Gate 
 
         # Every StyleTransfer is made here, in the set-up turn: loading a net is not part of a run's time.
         st = StyleTransfer("vgg16", weights=str(weights), precision=variant.precision)
-        fp32 = st if variant.precision == "fp32" else StyleTransfer("vgg16", weights=str(weights))
+        fp32 = st if variant.precision == "fp32" else StyleTransfer("vgg16", weights=str(weights), precision="fp32")
         checker: Any = None if variant.precision == "fp32" else scorer(fp32)
 
         class Timed:
@@ -515,7 +517,7 @@ def cross_score(path: Path, length: int, pair: tuple[Path, Path] | None = None) 
     content, style = _problem(length, pair)
     weights, _kind = weights_for("vgg16")
     ref = Reference(weights, images.preprocess(content), images.preprocess(style), pooling="avg", ratio=1e4)
-    st = StyleTransfer("vgg16", weights=str(weights))
+    st = StyleTransfer("vgg16", weights=str(weights), precision="fp32")
     captured: list[Any] = []
     bind = st.engine.bind
 
