@@ -43,6 +43,10 @@ class Job:
         `fingerprint=False`) does not."""
         spec = {"style": [str(p) for p in self.styles], "content": str(self.content), "output": str(self.output),
                 **{k: v for k, v in self.options.items() if k in FINGERPRINTED}}
+        if spec.get("precision") == "auto":
+            # Jobs finished while fp32 was the default stay finished: auto's result is the same job's, and it
+            # is fp32 wherever bf16 does not pay.
+            spec["precision"] = "fp32"
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def is_finished(self) -> bool:
