@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.evaluations                       # all models, 256 and 512 px, torch and caffe
     .venv/bin/python -m bench.evaluations --models vgg19 --lengths 512 --repeats 9
+    .venv/bin/python -m bench.evaluations --engines torch torch:bf16 caffe          # bf16 as well (AMX CPUs)
 
 An evaluation is what L-BFGS-B asks for at every step: forward to the deepest used blob, the preset style and
 content losses (Tübingen in the style of Starry Night, as `style.py` builds them), and the gradient with respect to
@@ -302,7 +303,9 @@ def main() -> None:
         for length in args.lengths:
             print(f"{model} at {length} px", flush=True)
             env = dict(item.split("=", 1) for item in args.env)
-            variants = [(e, {"engine": e, "env": env, "style_env": not args.no_style_env,
+            # "torch:bf16" is the torch engine in bf16, as `--precision auto` runs it on CPUs with AMX.
+            variants = [(e, {"engine": e.partition(":")[0], "env": env, "style_env": not args.no_style_env,
+                             **({"precision": e.partition(":")[2]} if ":" in e else {}),
                              **({"threads": args.threads} if args.threads else {})}) for e in args.engines]
             groups.append(run_group(model, length, variants, args.repeats, args.warmup, args.gpu, args.verbose,
                                     probe, peak))
