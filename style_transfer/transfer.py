@@ -106,7 +106,8 @@ class Stylization:
 
     @property
     def precision(self) -> str:
-        """The arithmetic of the run's optimisation: the engine's, or e.g. "bf16+fp32" for a run that used both."""
+        """The arithmetic of the run's optimisation, scale by scale: e.g. "fp32+bf16" for an auto run whose small
+        scales were not worth bf16."""
         return "+".join(dict.fromkeys(self._precisions)) or self.transfer.engine.precision
 
     def to_rgb(self, x: np.ndarray) -> np.ndarray:
