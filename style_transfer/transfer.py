@@ -269,7 +269,7 @@ class Stylization:
     def _bf16_iterations(self, index: int, evaluation: float) -> int:
         """With `--precision auto` where bf16 has fast kernels (engines.fast_bf16), a scale whose evaluation is big
         enough runs in bf16: all its iterations. Its targets, and a finished run's scores, are float32."""
-        if self.transfer.fast_engine is None or evaluation < BF16_MIN_FLOP:
+        if not self.transfer.bf16_pays or evaluation < BF16_MIN_FLOP:
             return 0
         return self.plan[index][1]
 
@@ -410,14 +410,21 @@ class StyleTransfer:
                                             "fp32" if auto else opts["precision"])
         if notice:
             self.notices.append(notice)
-        # `--precision auto`: a bf16 twin of the engine for most of the iterations where bf16 has fast kernels.
-        self.fast_engine: Engine | None = None
-        if auto and self.engine.name == "torch" and fast_bf16(self.engine.device):
-            self.fast_engine = create_engine("torch", self.net, opts["pooling"], opts["gpu"], False, "bf16")[0]
+        # `--precision auto` where bf16 has fast kernels: a bf16 twin of the engine, made when a scale first uses it.
+        self.bf16_pays = auto and self.engine.name == "torch" and fast_bf16(self.engine.device)
+        self._fast_engine: Engine | None = None
         if opts["precision"] == "fp16" and self.engine.device == "cpu":
             self.notices.append("--precision fp16 has no fast kernels on the CPU and runs several times slower than "
                                 "fp32; use bf16 or fp32 there")
         self._setup_seconds = time.perf_counter() - started
+
+    @property
+    def fast_engine(self) -> Engine | None:
+        """The bf16 twin of the engine that `--precision auto` optimises on, or None where bf16 does not pay."""
+        if self.bf16_pays and self._fast_engine is None:
+            self._fast_engine = create_engine("torch", self.net, self.options["pooling"], self.options["gpu"], False,
+                                              "bf16")[0]
+        return self._fast_engine
 
     def take_setup_seconds(self) -> float:
         """Seconds spent loading the net, counted once: by the first run's report."""
