@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.tiling --weights ../shared/models/vgg16_hed.caffemodel        # 512 ... 4096 px
     .venv/bin/python -m bench.tiling --lengths 512 1024 --modes tiled untiled --evaluations 3
     .venv/bin/python -m bench.tiling --dry-run                                           # the caps and estimates only
+    .venv/bin/python -m bench.tiling --work                     # tiled over untiled FLOPs (plan.CostModel), no run
     .venv/bin/python -m bench.tiling --render bench/results/tiling.json
 
 Each child does what style.py does for one scale of VGG16 (real weights, `--weights`) on Tübingen in the style of
@@ -119,6 +120,36 @@ def estimates(length: int, content: Path = CONTENT, style: Path = STYLE, lbfgs_m
         tiled = {"error": str(exc)}
     return {"height": ch, "width": cw, "style": [sh, sw], "untiled_gb": untiled / tiling.GB, "cap_gb": cap,
             **tiled}
+
+
+# --work: image sizes (width, height) and the tile counts to cost at each.
+WORK_SIZES = {(1024, 768): (2, 4, 6, 12), (2048, 1536): (4, 6, 12, 24, 48), (4096, 3072): (4, 12, 24, 48)}
+
+
+def work_table() -> str:
+    """One tiled evaluation's FLOPs over an untiled one's (plan.CostModel, the halos and both passes counted), for
+    the smallest square cores that give each count of tiles: the arithmetic side of the measured table."""
+    from style_transfer import tiling
+    from style_transfer.caffe_model.net import truncate
+    from style_transfer.caffe_model.reader import read_prototxt
+    from style_transfer.caffe_model.registry import get_model
+    from style_transfer.plan import CostModel
+
+    info = get_model(MODEL)
+    style, content = list(info.style_layers), list(info.content_layers)
+    blobs = list(dict.fromkeys([*style, *content]))
+    net = truncate(read_prototxt(info.prototxt), blobs)
+    model = CostModel(net, "avg", style, content)
+    counts = sorted({n for ns in WORK_SIZES.values() for n in ns})
+    lines = ["| image | " + " | ".join(f"{n} tiles" for n in counts) + " |", "|---" * (len(counts) + 1) + "|"]
+    for (w, h), wanted in WORK_SIZES.items():
+        whole, cells = model.evaluation(h, w), []
+        for n in counts:
+            plans = (tiling.plan_tiles(net, "avg", h, w, blobs, (k, k)) for k in range(16, max(h, w) + 16, 16))
+            plan = next((p for p in plans if p.count == n), None) if n in wanted else None
+            cells.append("" if plan is None else f"{model.evaluation(h, w, plan.tile_sizes()) / whole:.2f}")
+        lines.append(f"| {w} x {h} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -297,6 +328,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "tiling.json")
     ap.add_argument("--dry-run", action="store_true", help="print each size's estimates and caps and stop")
     ap.add_argument("--render", type=Path, metavar="JSON", help="print the table of a saved run and stop")
+    ap.add_argument("--work", action="store_true", help="print tiled over untiled FLOPs per evaluation and stop")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
@@ -307,6 +339,9 @@ def main() -> None:
         saved, saved_info = load(args.render)
         print("Machine: " + ", ".join(f"{k} {v}" for k, v in saved_info.items()))
         print(markdown(saved))
+        return
+    if args.work:
+        print(work_table())
         return
     if args.dry_run:
         print(f"available now: {available_gb():.1f} GB")

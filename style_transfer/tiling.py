@@ -9,6 +9,9 @@ global, and the content term is local. So one evaluation takes two passes over t
 2. forward and backward each tile again, injecting the gradients of its interior positions only, and add the tile's
    input gradient into the full gradient.
 
+The last tile of pass 1 is the first of pass 2, forwarded once: its activations are kept while G is completed, which
+costs no memory beyond what pass 2 holds anyway, and saves one tile's forward pass per evaluation.
+
 A tile is a core (its share of the image) and a halo around it. Each blob position belongs to the one core holding
 its anchor (position j of a blob of stride S at input row j S); the halo is wide enough that every input position a
 core's positions depend on lies in the tile or in padding at the true image border (caffe_model/net.py `reaches`).
@@ -329,64 +332,44 @@ class TiledEvaluator(Evaluator):
                                        torch.contiguous_format)
 
     def evaluate(self, image: np.ndarray) -> Evaluation:
-        obj, plan, engine = self.objective, self.plan, self.engine
+        obj, plan, engine, on_tile = self.objective, self.plan, self.engine, self.on_tile or (lambda *_: None)
         if tuple(image.shape[1:]) != (plan.height, plan.width):
             raise ValueError(f"the tile plan is for {plan.height} x {plan.width}, got {image.shape}")
-        style = list(obj.style_weights)
-        grams = {b: torch.zeros((plan.shapes[b][1],) * 2, dtype=torch.float64) for b in style}
+        grams = {b: torch.zeros((plan.shapes[b][1],) * 2, dtype=torch.float64) for b in obj.style_weights}
         content = dict.fromkeys(obj.content_weights, 0.0)
-        # Pass 1: the Gram matrices and the content terms.
-        for k, tile in enumerate(plan.tiles, 1):
+        *first, last = plan.tiles
+        # Pass 1 over every tile but the last: the Gram matrices and the content terms.
+        for k, tile in enumerate(first, 1):
             feats = engine.features(tile.crop(image), self.blobs)
-            for b in style:
-                (lr, lc), _ = plan.interior(tile, b)
-                f = torch.from_numpy(np.ascontiguousarray(feats[b][:, lr, lc])).reshape(feats[b].shape[0], -1)
-                grams[b] += torch.mm(f, f.t()).double()  # one product per tile in the engine's dtype
-            for b, w in obj.content_weights.items():
-                (lr, lc), (gr, gc) = plan.interior(tile, b)
-                diff = (feats[b][:, lr, lc] - obj.content_targets[b][:, gr, gc]).astype(np.float64)
-                content[b] += 0.5 * w * float(np.vdot(diff, diff))
+            self._accumulate(tile, {b: torch.from_numpy(v) for b, v in feats.items()}, grams, content)
             del feats
-            if self.on_tile is not None:
-                self.on_tile(1, k, plan.count)
+            on_tile(1, k, plan.count)
         terms: dict[str, float] = {}
         weights: dict[str, torch.Tensor] = {}
-        for b in style:
-            s = style_scale(plan.shapes[b][1:]) * obj.ratio * obj.style_weights[b]
-            value, weights[b] = style_value_and_weight(grams[b], self.targets, b, s)
-            terms[f"style:{b}"] = float(value)
-        terms |= {f"content:{b}": term for b, term in content.items()}
 
-        # Pass 2: each tile's interior feature gradients back to its input.
+        def finish_pass_1(feats: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+            # The last tile's forward pass ends pass 1 and begins pass 2: once its terms are in, G is whole, and
+            # the same forward pass is backpropagated, which saves one tile's forward pass per evaluation.
+            self._accumulate(last, {b: _float(v[0]) for b, v in feats.items()}, grams, content)
+            for b in grams:
+                s = style_scale(plan.shapes[b][1:]) * obj.ratio * obj.style_weights[b]
+                value, weights[b] = style_value_and_weight(grams[b], self.targets, b, s)
+                terms[f"style:{b}"] = float(value)
+            terms.update({f"content:{b}": term for b, term in content.items()})
+            on_tile(1, plan.count, plan.count)
+            return self._feature_grads(last, feats, weights)
+
+        # Pass 2: each tile's interior feature gradients back to its input, the last tile first.
         grad: np.ndarray | None = None
-        for k, tile in enumerate(plan.tiles, 1):
-            def feature_grads(feats: dict[str, torch.Tensor], tile: Tile = tile
-                              ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-                grads: dict[str, torch.Tensor] = {}
-                with torch.no_grad():
-                    for b in self.blobs:
-                        f = feats[b].detach()
-                        (lr, lc), (gr, gc) = plan.interior(tile, b)
-                        # Half-precision features (autocast) meet their gradients in float32.
-                        dtype = torch.promote_types(f.dtype, torch.float32)
-                        fi = f[0, :, lr, lc].to(dtype)
-                        g = torch.zeros_like(fi)
-                        if b in weights:
-                            g += (weights[b].to(f.device, dtype) @ fi.reshape(len(fi), -1)).reshape(fi.shape)
-                        if b in obj.content_weights:
-                            target = torch.from_numpy(np.ascontiguousarray(obj.content_targets[b][:, gr, gc]))
-                            g += obj.content_weights[b] * (fi - target.to(f.device, dtype))
-                        grads[b] = torch.zeros_like(f)
-                        grads[b][0, :, lr, lc] = g.to(f.dtype)
-                return {}, grads
-
-            _terms, _value, tile_grad = engine.vjp(tile.crop(image), self.blobs, feature_grads)
+        for k, tile in enumerate([last, *first], 1):
+            _terms, _value, tile_grad = engine.vjp(
+                tile.crop(image), self.blobs,
+                finish_pass_1 if k == 1 else functools.partial(self._feature_grads, tile, weights=weights))
             if grad is None:  # the engine's dtype: float32, or float64 for gradient checks
                 grad = np.zeros(image.shape, tile_grad.dtype)
             grad[:, tile.rows.start:tile.rows.end, tile.cols.start:tile.cols.end] += tile_grad
             del tile_grad
-            if self.on_tile is not None:
-                self.on_tile(2, k, plan.count)
+            on_tile(2, k, plan.count)
         assert grad is not None
         tv = 0.0
         if obj.tv_weight:
@@ -395,3 +378,41 @@ class TiledEvaluator(Evaluator):
             grad += torch.autograd.grad(term, x)[0].numpy()
             tv = float(term.detach())
         return Evaluation.of(terms, tv, grad)
+
+    def _accumulate(self, tile: Tile, feats: dict[str, torch.Tensor], grams: dict[str, torch.Tensor],
+                    content: dict[str, float]) -> None:
+        """Add a tile's interior positions (C x h x w tensors) to the Gram matrices and the content terms."""
+        obj, plan = self.objective, self.plan
+        for b in grams:
+            (lr, lc), _ = plan.interior(tile, b)
+            f = feats[b][:, lr, lc].reshape(feats[b].shape[0], -1)
+            grams[b] += torch.mm(f, f.t()).double()  # one product per tile in the engine's dtype
+        for b, w in obj.content_weights.items():
+            (lr, lc), (gr, gc) = plan.interior(tile, b)
+            diff = feats[b][:, lr, lc].double() - torch.from_numpy(obj.content_targets[b][:, gr, gc]).double()
+            content[b] += 0.5 * w * float(torch.vdot(diff.flatten(), diff.flatten()))
+
+    def _feature_grads(self, tile: Tile, feats: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]
+                       ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """The gradients of the tile's interior positions, zero elsewhere (what `Engine.vjp` injects)."""
+        obj, plan = self.objective, self.plan
+        grads: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for b in self.blobs:
+                f = feats[b].detach()
+                (lr, lc), (gr, gc) = plan.interior(tile, b)
+                fi = f[0, :, lr, lc].to(torch.promote_types(f.dtype, torch.float32))  # autocast's bf16 in fp32
+                g = torch.zeros_like(fi)
+                if b in weights:
+                    g += (weights[b].to(f.device, fi.dtype) @ fi.reshape(len(fi), -1)).reshape(fi.shape)
+                if b in obj.content_weights:
+                    target = torch.from_numpy(np.ascontiguousarray(obj.content_targets[b][:, gr, gc]))
+                    g += obj.content_weights[b] * (fi - target.to(f.device, fi.dtype))
+                grads[b] = torch.zeros_like(f)
+                grads[b][0, :, lr, lc] = g.to(f.dtype)
+        return {}, grads
+
+
+def _float(f: torch.Tensor) -> torch.Tensor:
+    """A blob's values as Engine.features gives them: on the CPU, half-precision (autocast) values in float32."""
+    return f.detach().to("cpu", torch.promote_types(f.dtype, torch.float32))

@@ -369,3 +369,19 @@ def test_tiling_bench_estimates_and_table(tmp_path: Path) -> None:
     assert "| 512 | 512x384 | untiled | - | whole | 2.00 | 4.00 |" in table[2]
     assert "| 4 (378x378) | 3.00 |" in table[3] and table[3].endswith("| 1.0e-05 |")
     assert "skipped: estimated 84.1 GB" in table[4] and "killed by signal 9" in table[5] and "11.90" in table[5]
+
+
+def test_tiling_work_table_lies_between_the_halo_free_bound_and_the_old_two_full_passes() -> None:
+    """bench/tiling.py --work: N tiles cost N - 1 forward passes and N forward-and-backward ones, so with halos the
+    ratio is above 1.5 - 1/(2N) (no halos) and below what two full passes over the same tiles cost."""
+    from bench import tiling as bench_tiling
+
+    table = bench_tiling.work_table().splitlines()
+    counts = [int(c.split()[0]) for c in table[0].strip("|").split("|")[1:]]
+    assert len(table) == 2 + len(bench_tiling.WORK_SIZES)
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+        values = {n: float(c) for n, c in zip(counts, cells, strict=True) if c}
+        assert values and all(1.5 - 1 / (2 * n) < v < 3.0 for n, v in values.items()), line
+        assert list(values.values()) == sorted(values.values()), line  # more tiles, more halo
+    assert table[2].split("|")[2].strip() == "1.50"  # 1024 x 768 in two tiles: the cost bench/tiling.py measures

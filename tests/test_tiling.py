@@ -149,6 +149,31 @@ def test_float64_tiling_is_exact_to_rounding() -> None:
     assert rel(got.grad, want.grad) < 1e-10
 
 
+def test_the_last_tile_of_pass_1_is_forwarded_once_for_both_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """N tiles cost N - 1 forward passes and N forward-and-backward ones, with the result unchanged, and progress
+    still counts both passes to their end."""
+    style_layers, content_layers, h, w, core = CASES["tiny"]
+    net = random_net("tiny", [*style_layers, *content_layers])
+    engine = make_engine("torch", net, "max")
+    rng = np.random.default_rng(7)
+    content, x = random_image(rng, h, w), random_image(rng, h, w)
+    grams = {k: gram_numpy(v) for k, v in engine.features(random_image(rng, h, w), style_layers).items()}
+    objective = Objective({k: 1.0 for k in content_layers}, {k: 1.0 for k in style_layers}, 1e3,
+                          engine.features(content, content_layers), {k: grams[k][None] for k in style_layers})
+    plan = tiling.plan_tiles(net, "max", h, w, objective.layers, (core, core))
+    calls: list[str] = []
+    for method in ("features", "vjp"):
+        original = getattr(engine, method)
+        monkeypatch.setattr(engine, method, lambda *a, _f=original, _m=method, **k: calls.append(_m) or _f(*a, **k))
+    ticks: list[tuple[int, int, int]] = []
+    got = tiling.TiledEvaluator(engine, objective, plan, lambda *t: ticks.append(t))(x)
+    assert calls.count("features") == plan.count - 1 and calls.count("vjp") == plan.count
+    assert ticks == [(1, k, plan.count) for k in range(1, plan.count + 1)] + \
+        [(2, k, plan.count) for k in range(1, plan.count + 1)]
+    want = engine.bind(objective)(x)
+    assert abs(got.loss - want.loss) / want.loss <= LOSS_RTOL and rel(got.grad, want.grad) <= GRAD_RTOL
+
+
 def test_plan_geometry_comes_from_the_layers() -> None:
     """VGG16 to conv5_1: total stride 16; reach as the layers compose it; tile origins aligned."""
     info = MODELS["vgg16"]
