@@ -172,7 +172,7 @@ def plan_lines(costs: Sequence[ScaleCost]) -> list[str]:
     for i, c in enumerate(costs, 1):
         tiles = f"{c.tiles} tiles" if c.tiles else "whole"
         iterations = f"{c.iterations} iteration{'s' * (c.iterations != 1)}"
-        precision = ", bf16" if c.bf16_iterations else ""
+        precision = ", bf16" if c.bf16 else ""
         lines.append(f"  scale {i}: {c.width}x{c.height}, {iterations}, {tiles}{precision}, "
                      f"{c.evaluation / 1e9:.4g} GFLOP per evaluation, {100 * c.work() / total:.0f}% of the work")
     return lines

@@ -130,19 +130,17 @@ class ScaleCost:
     tiles: int  # tiles per evaluation pass; 0 when the image is evaluated whole
     evaluation: float  # one evaluation (a tiled one: both passes over every tile, halos included)
     targets: float  # the style and content targets made before the scale starts
-    bf16_iterations: int = 0  # the first iterations, run in bf16 (`--precision auto`); the rest run in fp32
+    bf16: bool = False  # the scale optimises in bf16 (`--precision auto`)
 
     def work(self, per_iteration: float | None = None) -> float:
         """The whole scale's FLOPs: its targets, the evaluation at its start and those of its iterations."""
         epi = EVALUATIONS_PER_ITERATION if per_iteration is None else per_iteration
         return self.targets + (1 + self.iterations * epi) * self.evaluation
 
-    def effort(self, done: int = 0) -> float:
-        """An evaluation's work as the clock counts it, on average over the iterations after the first `done`: in
-        fp32 FLOPs, a bf16 evaluation counting BF16_SPEEDUP times less."""
-        left = max(0, self.iterations - done)
-        bf16 = max(0, self.bf16_iterations - done)
-        return self.evaluation * ((bf16 / BF16_SPEEDUP + left - bf16) / left if left else 1.0)
+    def effort(self) -> float:
+        """An evaluation's work as the clock counts it: fp32 FLOPs, a bf16 evaluation counting BF16_SPEEDUP times
+        less."""
+        return self.evaluation / (BF16_SPEEDUP if self.bf16 else 1.0)
 
 
 class CostModel:
@@ -238,7 +236,7 @@ class Clock:
 
     def evaluation_done(self) -> None:
         cost = self.costs[self.scale]
-        self._measure(cost.evaluation / (BF16_SPEEDUP if self.scale_iterations < cost.bf16_iterations else 1.0))
+        self._measure(cost.effort())
         self.evaluations += 1
         self.scale_evaluations += 1
 
@@ -272,7 +270,7 @@ class Clock:
         cost = self.costs[self.scale]
         iterations_left = max(0, cost.iterations - self.scale_iterations)
         evaluations_left = max(iterations_left * 1.0, 1 + cost.iterations * epi - self.scale_evaluations)
-        evaluation = cost.effort(self.scale_iterations)
+        evaluation = cost.effort()
         total = evaluations_left * evaluation
         if self.stage == "targets":
             total += (1 - self.fraction) * cost.targets

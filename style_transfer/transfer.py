@@ -37,8 +37,9 @@ if TYPE_CHECKING:  # tiling imports torch, which must load after style_transfer/
     from style_transfer import tiling
     from style_transfer.losses import Objective
 
-# `--precision auto`: the smallest evaluation (FLOPs) run in bf16. The tiny nets of the tests stay far below it;
-# VGG at 64 px is above it (BENCHMARKS.md, "bf16 by default where it pays").
+# `--precision auto` where bf16 has fast kernels (engines.fast_bf16): a scale whose evaluation takes at least this
+# many FLOPs optimises in bf16; its targets, and a finished run's scores, stay float32. The tiny nets of the tests
+# stay far below it; VGG at 64 px is above it (BENCHMARKS.md, "bf16 by default where it pays").
 BF16_MIN_FLOP = 1e9
 # How a run ends other than by finishing its iterations (RunResult.stop_reason).
 _CUT = ("interrupted", "stopped", "nonfinite", "scale_failed")
@@ -159,7 +160,7 @@ class Stylization:
             else:
                 start = images.preprocess(images.resize_to(images.deprocess(x), h, w))
             del content
-            engine = st.fast_engine if cost.bf16_iterations and st.fast_engine else st.engine
+            engine = st.fast_engine if cost.bf16 and st.fast_engine else st.engine
             self._precisions.append(engine.precision)
             evaluate = self._bound(engine, objective, tiles)
             # Only the optimiser's own float64 copies of the start and the bounds stay for the scale.
@@ -254,7 +255,8 @@ class Stylization:
         styles = [(size, tiles(p)) for size, p in zip(style_sizes, style_plans, strict=True)]
         evaluation = model.evaluation(h, w, tiles(plan))
         cost = ScaleCost(w, h, iterations, 0 if plan is None else plan.count, evaluation,
-                         model.targets((h, w), tiles(plan), styles), self._bf16_iterations(index, evaluation))
+                         model.targets((h, w), tiles(plan), styles),
+                         self.transfer.bf16_pays and evaluation >= BF16_MIN_FLOP)
         return cost, style_plans, plan
 
     def _tell(self, tile_pass: int = 0, tile: int = 0, tiles: int = 0) -> None:
@@ -265,13 +267,6 @@ class Stylization:
         assert self._clock is not None
         self._clock.tile_done(tile_pass, tile, tiles)
         self._tell(tile_pass, tile, tiles)
-
-    def _bf16_iterations(self, index: int, evaluation: float) -> int:
-        """With `--precision auto` where bf16 has fast kernels (engines.fast_bf16), a scale whose evaluation is big
-        enough runs in bf16: all its iterations. Its targets, and a finished run's scores, are float32."""
-        if not self.transfer.bf16_pays or evaluation < BF16_MIN_FLOP:
-            return 0
-        return self.plan[index][1]
 
     def _targets(self, content: np.ndarray,
                  index: int) -> tuple[Objective, tiling.TilePlan | None, ScaleCost]:

@@ -142,30 +142,31 @@ def test_clock_counts_the_later_bigger_scales_and_follows_the_measured_speed(
     assert before - middle == pytest.approx(middle - after)  # pass 1 is a third, half of pass 2 another third
 
 
-def test_clock_allows_for_the_fp32_finish_after_faster_bf16_evaluations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """--precision auto: a bf16 evaluation counts BF16_SPEEDUP times less work, so that the speed measured in bf16
-    does not promise the slower fp32 finish too early."""
+def test_clock_counts_a_bf16_evaluation_as_less_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision auto: a bf16 evaluation counts BF16_SPEEDUP times less work, so that in a plan whose small scales
+    run in fp32 and whose big ones in bf16 the speed measured on one gives a sane time left for the other."""
     clock_time = FakeTime()
     monkeypatch.setattr(plan_module, "_now", clock_time)
-    speedup = plan_module.BF16_SPEEDUP
-    cost = ScaleCost(512, 384, 8, 0, 1e9, 0.0, bf16_iterations=6)
-    assert cost.effort() == pytest.approx(1e9 * (6 / speedup + 2) / 8)
-    assert cost.effort(6) == pytest.approx(1e9) and cost.effort(8) == pytest.approx(1e9)
-    clock = Clock([cost])
+    speedup, epi = plan_module.BF16_SPEEDUP, plan_module.EVALUATIONS_PER_ITERATION
+    fp32, bf16 = ScaleCost(256, 192, 2, 0, 1e9, 0.0), ScaleCost(512, 384, 4, 0, 4e9, 0.0, bf16=True)
+    assert fp32.effort() == 1e9 and bf16.effort() == pytest.approx(4e9 / speedup)
+    clock = Clock([fp32, bf16])
     clock.start_scale(0)
     clock.targets_done()
-    clock_time.now += 1.0 / speedup  # a bf16 evaluation, in the time that work takes at 1 GFLOP/s in fp32
-    clock.evaluation_done()
-    assert clock.rate == pytest.approx(1e9)
-    for _ in range(6):  # each bf16 iteration's evaluation ends before the iteration does
-        clock_time.now += 1.0 / speedup
+    for iteration in range(3):  # the scale's first evaluation, then one per iteration: 1 s each at 1 GFLOP/s
+        clock_time.now += 1.0
         clock.evaluation_done()
-        clock.iteration_done()
+        if iteration:
+            clock.iteration_done()
     assert clock.rate == pytest.approx(1e9)
+    clock.start_scale(1)
     left = clock.remaining()
     assert left is not None
-    # Two fp32 iterations left, one evaluation each (this clock has counted 7 evaluations in 6 iterations): 2 s.
-    assert left == pytest.approx(2.0)
+    assert left == pytest.approx((1 + 4 * epi) * 4 / speedup)  # bf16's evaluations at the speed measured in fp32
+    clock.targets_done()
+    clock_time.now += 4 / speedup  # a bf16 evaluation, as fast as the estimate assumed
+    clock.evaluation_done()
+    assert clock.rate == pytest.approx(1e9)
 
 
 def test_a_run_reports_tiles_evaluations_and_the_time_left(transfer: StyleTransfer,
