@@ -88,7 +88,7 @@ def estimates(length: int, content: Path = CONTENT, style: Path = STYLE, lbfgs_m
     and libraries, which the child adds)."""
     from PIL import Image
 
-    from style_transfer import images, tiling
+    from style_transfer import images, memory
     from style_transfer.caffe_model.net import expected_param_shapes, infer_shapes, truncate
     from style_transfer.caffe_model.reader import read_prototxt
     from style_transfer.caffe_model.registry import get_model
@@ -105,20 +105,20 @@ def estimates(length: int, content: Path = CONTENT, style: Path = STYLE, lbfgs_m
     with Image.open(content) as c, Image.open(style) as s:
         ch, cw = images.long_side_size(c.height, c.width, length)
         sh, sw = images.long_side_size(s.height, s.width, round(length * 1.2))
-    fixed = tiling.run_bytes(net, ch, cw, lbfgs_memory, tiling.blob_bytes(net, "avg", ch, cw, content_blobs))
-    untiled = max(fixed + tiling.evaluation_bytes(net, "avg", ch, cw), tiling.evaluation_bytes(net, "avg", sh, sw))
+    fixed = memory.run_bytes(net, ch, cw, lbfgs_memory, memory.blob_bytes(net, "avg", ch, cw, content_blobs))
+    untiled = max(fixed + memory.evaluation_bytes(net, "avg", ch, cw), memory.evaluation_bytes(net, "avg", sh, sw))
     cap = GOALS.get(length)
     if cap is None:
-        cap = (fixed + FORCE_SHARE * tiling.evaluation_bytes(net, "avg", ch, cw)) / tiling.GB
-    budget = int(cap * tiling.GB)
+        cap = (fixed + FORCE_SHARE * memory.evaluation_bytes(net, "avg", ch, cw)) / memory.GB
+    budget = int(cap * memory.GB)
     try:
-        plan = tiling.choose_tiles(net, "avg", ch, cw, blobs, budget, fixed, f"--max-memory {cap:g}")
-        style_plan = tiling.choose_tiles(net, "avg", sh, sw, style_blobs, budget, 0)
+        plan = memory.choose_tiles(net, "avg", ch, cw, blobs, budget, fixed, f"--max-memory {cap:g}")
+        style_plan = memory.choose_tiles(net, "avg", sh, sw, style_blobs, budget, 0)
         tiled: dict[str, Any] = {"tiles": 0 if plan is None else plan.count,
                                  "style_tiles": 0 if style_plan is None else style_plan.count}
     except Exception as exc:  # a cap too small: the tiled run will say so itself
         tiled = {"error": str(exc)}
-    return {"height": ch, "width": cw, "style": [sh, sw], "untiled_gb": untiled / tiling.GB, "cap_gb": cap,
+    return {"height": ch, "width": cw, "style": [sh, sw], "untiled_gb": untiled / memory.GB, "cap_gb": cap,
             **tiled}
 
 
@@ -164,7 +164,7 @@ class _Shape:
 
 
 def available_gb() -> float:
-    from style_transfer.tiling import GB, available_bytes
+    from style_transfer.memory import GB, available_bytes
 
     return available_bytes("cpu") / GB
 
@@ -177,7 +177,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     from style_transfer.openmp import prefer_short_spin
 
     prefer_short_spin([MODEL], "torch")  # style.py's environment, before torch loads
-    from style_transfer import images, tiling
+    from style_transfer import images, memory
     from style_transfer.transfer import StyleTransfer
 
     started = time.perf_counter()
@@ -188,18 +188,18 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     h, w = images.long_side_size(content.shape[0], content.shape[1], length)
     # The memory the run needs beside one evaluation, this process's own (the weights, the libraries) included.
     content_blobs = list(st.content_weights)
-    fixed = tiling.resident_bytes() + tiling.run_bytes(st.net, h, w, 8,
-                                                       tiling.blob_bytes(st.net, "avg", h, w, content_blobs))
-    whole = tiling.evaluation_bytes(st.net, "avg", h, w)
-    out: dict[str, Any] = {"height": h, "width": w, "estimate_gb": (fixed + whole) / tiling.GB}
+    fixed = memory.resident_bytes() + memory.run_bytes(st.net, h, w, 8,
+                                                       memory.blob_bytes(st.net, "avg", h, w, content_blobs))
+    whole = memory.evaluation_bytes(st.net, "avg", h, w)
+    out: dict[str, Any] = {"height": h, "width": w, "estimate_gb": (fixed + whole) / memory.GB}
     cap = config["cap_gb"]
     if config["mode"] == "untiled":
-        available = tiling.available_bytes("cpu") + tiling.resident_bytes()
+        available = memory.available_bytes("cpu") + memory.resident_bytes()
         if fixed + whole > available:
-            return {**out, "status": "skipped", "reason": f"estimated {(fixed + whole) / tiling.GB:.1f} GB, "
-                                                          f"{available / tiling.GB:.1f} available"}
+            return {**out, "status": "skipped", "reason": f"estimated {(fixed + whole) / memory.GB:.1f} GB, "
+                                                          f"{available / memory.GB:.1f} available"}
     elif cap is None:
-        cap = round(GOALS[length] if length in GOALS else (fixed + FORCE_SHARE * whole) / tiling.GB, 2)
+        cap = round(GOALS[length] if length in GOALS else (fixed + FORCE_SHARE * whole) / memory.GB, 2)
     out["cap_gb"] = cap
     job = st.stylize(content, [style], length=length, num_iters=config["evaluations"] + 5, init="content", seed=0,
                      max_memory=cap)

@@ -125,7 +125,7 @@ class Stylization:
 
         Ctrl-C, a StopIteration from `on_step` and a non-finite loss end the run with the last good iterate instead
         of an exception, so that a caller always has an image to save."""
-        from style_transfer import tiling
+        from style_transfer import memory
         from style_transfer.optimize import LBFGSB
 
         started = time.perf_counter()
@@ -145,7 +145,7 @@ class Stylization:
             h, w = content.shape[:2]
             evaluate = None  # the last scale's targets go before this scale's are made
             if x is not None:  # not before a run's first scale: a video frame would pay for it every time
-                tiling.release_free_memory()
+                memory.release_free_memory()
             try:
                 objective, tiles, cost = self._targets(content, index)
             except StyleTransferError as exc:
@@ -201,34 +201,34 @@ class Stylization:
     def _tiles(self, height: int, width: int, blobs: list[str], fixed: int) -> tiling.TilePlan | None:
         """Tiles for an image of this size when one evaluation of it does not fit the memory budget beside `fixed`
         bytes of other arrays."""
-        from style_transfer import tiling
+        from style_transfer import memory
 
         st = self.transfer
-        available = tiling.available_bytes(st.engine.device)
+        available = memory.available_bytes(st.engine.device)
         cap = self.options["max_memory"]
-        budget = available if cap is None else min(available, int(cap * tiling.GB))
-        if cap is not None and cap * tiling.GB <= available:
+        budget = available if cap is None else min(available, int(cap * memory.GB))
+        if cap is not None and cap * memory.GB <= available:
             what = f"--max-memory {cap:g}"
             if st.engine.device == "cpu":  # the cap is the process's: what it held before the run counts
                 # Measured once: later the resident size also holds what earlier scales freed, which the process
                 # reuses; counting it again refused the last scale of a 4096-px print after 20 minutes of work.
                 if self._held is None:
-                    self._held = tiling.resident_bytes()
+                    self._held = memory.resident_bytes()
                 fixed += self._held
         else:  # what is available is beside what the process holds already
-            what = f"the memory available ({available / tiling.GB:.1f} GB)"
-        return tiling.choose_tiles(st.net, st.engine.pooling, height, width, blobs, budget, fixed, what)
+            what = f"the memory available ({available / memory.GB:.1f} GB)"
+        return memory.choose_tiles(st.net, st.engine.pooling, height, width, blobs, budget, fixed, what)
 
     def _run_bytes(self, height: int, width: int) -> int:
         """What the optimisation keeps beside an evaluation at this size. On the CPU the optimiser's full-size arrays
         share the budget; on CUDA they live in host memory."""
-        from style_transfer import tiling
+        from style_transfer import memory
 
         st = self.transfer
         if st.engine.device != "cpu":
             return 0
-        kept = tiling.blob_bytes(st.net, st.engine.pooling, height, width, list(st.content_weights))
-        return tiling.run_bytes(st.net, height, width, self.options["lbfgs_memory"], kept)
+        kept = memory.blob_bytes(st.net, st.engine.pooling, height, width, list(st.content_weights))
+        return memory.run_bytes(st.net, height, width, self.options["lbfgs_memory"], kept)
 
     def costs(self) -> list[ScaleCost]:
         """Each scale's size, iterations, tiling and work, with the tiles the memory available now allows (a run

@@ -360,11 +360,11 @@ def test_animation_as_mp4(tmp_path: Path, pair: tuple[Path, Path], tiny: list[st
 def test_scales_auto_and_verbose_show_the_plan_and_the_time(tmp_path: Path, pair: tuple[Path, Path],
                                                            tiny: list[str], capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from style_transfer import tiling
+    from style_transfer import memory
 
     style, content = pair
-    monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)  # a budget of a few tiles' worth forces tiling
-    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)
+    monkeypatch.setattr(memory, "run_bytes", lambda *args: 0)  # a budget of a few tiles' worth forces tiling
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
     report = tmp_path / "r.json"
     code = main(["-s", str(style), "-c", str(content), *tiny, "-l", "64", "--min-length", "32", "-n", "12",
                  "--scales", "auto", "-v", "--max-memory", "0.0003", "-o", str(tmp_path / "o.png"),
@@ -386,11 +386,11 @@ def test_a_scale_that_cannot_start_keeps_the_earlier_scales_work(
     """Regression: a later scale that could not start (its memory no longer there) ended the run with an error and
     nothing saved, after all the earlier scales' work. Now the last finished scale is saved beside the output, never
     under its name, and the error says where."""
-    from style_transfer import tiling
+    from style_transfer import memory
     from style_transfer.errors import StyleTransferError
 
     style, content = pair
-    real = tiling.choose_tiles
+    real = memory.choose_tiles
     started: list[int] = []
 
     def choose(net: Any, pooling: Any, height: int, width: int, *args: Any, **kwargs: Any) -> Any:
@@ -398,8 +398,8 @@ def test_a_scale_that_cannot_start_keeps_the_earlier_scales_work(
             raise StyleTransferError("--max-memory 1 is too small for a 64x48 image with this net")
         return real(net, pooling, height, width, *args, **kwargs)
 
-    monkeypatch.setattr(tiling, "choose_tiles", choose)
-    monkeypatch.setattr(tiling, "release_free_memory", lambda: started.append(1))
+    monkeypatch.setattr(memory, "choose_tiles", choose)
+    monkeypatch.setattr(memory, "release_free_memory", lambda: started.append(1))
     output = tmp_path / "o.png"
     code = main(["-s", str(style), "-c", str(content), *tiny, "-l", "64", "--min-length", "32", "-n", "6",
                  "--scales", "2", "--max-memory", "1", "-o", str(output)])

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from style_transfer import memory, tiling
 from style_transfer import plan as plan_module
-from style_transfer import tiling
 from style_transfer.errors import StyleTransferError
 from style_transfer.flops import count
 from style_transfer.options import parse_value
@@ -89,9 +89,9 @@ def test_cost_model_counts_the_nets_work_and_the_tiled_passes(transfer: StyleTra
 
 def test_costs_say_how_each_scale_is_tiled(transfer: StyleTransfer, monkeypatch: pytest.MonkeyPatch) -> None:
     content, style, _ = tiny_images()
-    monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)
-    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)
-    budget = tiling.evaluation_bytes(transfer.net, "avg", 24, 24) / tiling.GB
+    monkeypatch.setattr(memory, "run_bytes", lambda *args: 0)
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
+    budget = memory.evaluation_bytes(transfer.net, "avg", 24, 24) / memory.GB
     job = transfer.stylize(content, [style], length=45, num_iters=12, scales=AUTO, min_length=22, max_memory=budget)
     costs = job.costs()
     assert [(c.width, c.iterations) for c in costs] == [(22, 10), (45, 2)]
@@ -174,9 +174,9 @@ def test_a_run_reports_tiles_evaluations_and_the_time_left(transfer: StyleTransf
     """Progress from the library, never printed by it: targets and both evaluation passes tile by tile, every
     evaluation and iteration, with an estimate once some work is timed."""
     content, style, _ = tiny_images()
-    monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)
-    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)
-    budget = tiling.evaluation_bytes(transfer.net, "avg", 24, 24) / tiling.GB
+    monkeypatch.setattr(memory, "run_bytes", lambda *args: 0)
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
+    budget = memory.evaluation_bytes(transfer.net, "avg", 24, 24) / memory.GB
     job = transfer.stylize(content, [style], length=45, num_iters=4, scales=AUTO, min_length=22, max_memory=budget)
     seen: list[Progress] = []
     steps: list[Any] = []

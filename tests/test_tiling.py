@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from style_transfer import images, tiling
+from style_transfer import images, memory, tiling
 from style_transfer.caffe_model.net import Net, expected_param_shapes, infer_shapes, truncate
 from style_transfer.caffe_model.reader import read_prototxt
 from style_transfer.caffe_model.registry import MODELS
@@ -196,14 +196,14 @@ def test_untiled_when_the_image_fits_and_an_error_when_no_tile_does() -> None:
     style_layers, content_layers, h, w, _core = CASES["vgg16"]
     net = random_net("vgg16", [*style_layers, *content_layers])
     blobs = [*style_layers, *content_layers]
-    assert tiling.choose_tiles(net, "avg", h, w, blobs, budget=1 << 40) is None
-    need = tiling.evaluation_bytes(net, "avg", h, w)
-    plan = tiling.choose_tiles(net, "avg", 400, 500, blobs, budget=need)
+    assert memory.choose_tiles(net, "avg", h, w, blobs, budget=1 << 40) is None
+    need = memory.evaluation_bytes(net, "avg", h, w)
+    plan = memory.choose_tiles(net, "avg", 400, 500, blobs, budget=need)
     assert plan is not None and plan.count > 1
-    assert tiling.evaluation_bytes(net, "avg", *plan.tile_size) <= need
+    assert memory.evaluation_bytes(net, "avg", *plan.tile_size) <= need
     message = r"--max-memory 0\.0001 is too small .*; give --max-memory [0-9.]+ or more$"
     with pytest.raises(StyleTransferError, match=message):
-        tiling.choose_tiles(net, "avg", 400, 500, blobs, budget=1000, fixed=10**5, what="--max-memory 0.0001")
+        memory.choose_tiles(net, "avg", 400, 500, blobs, budget=1000, fixed=10**5, what="--max-memory 0.0001")
 
 
 def test_measured_differences_are_reported() -> None:
@@ -228,9 +228,9 @@ def test_a_run_with_forced_tiles_gives_the_untiled_image(tmp_path: Any, monkeypa
     assert untiled.report["tiling"] is None
     # The run's own arrays and the process's memory do not count here, so a budget of a few tiles' worth forces
     # tiling.
-    monkeypatch.setattr(tiling, "run_bytes", lambda *args: 0)
-    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)
-    budget = tiling.evaluation_bytes(st.net, "avg", 24, 24) / tiling.GB
+    monkeypatch.setattr(memory, "run_bytes", lambda *args: 0)
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
+    budget = memory.evaluation_bytes(st.net, "avg", 24, 24) / memory.GB
     job = st.stylize(content, [style], max_memory=budget, **options)
     tiled = job.run()
     assert tiled.report["tiling"]["tiles"] >= 4
@@ -270,15 +270,15 @@ def test_style_targets_are_not_charged_the_optimisers_arrays(tmp_path: Any, monk
     st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
                        gpu=-1)
     content, style, _ = tiny_images()  # 36 x 48, resized to 34 x 45
-    monkeypatch.setattr(tiling, "resident_bytes", lambda: 0)  # the process's own memory, counted in another test
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 0)  # the process's own memory, counted in another test
     blobs = ["conv1", "conv2", "conv3"]
-    kept = tiling.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
-    budget = tiling.run_bytes(st.net, 34, 45, 8, kept) + tiling.evaluation_bytes(st.net, "avg", 34, 45)
-    assert tiling.choose_tiles(st.net, "avg", 34, 45, blobs, budget, budget - tiling.evaluation_bytes(
+    kept = memory.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
+    budget = memory.run_bytes(st.net, 34, 45, 8, kept) + memory.evaluation_bytes(st.net, "avg", 34, 45)
+    assert memory.choose_tiles(st.net, "avg", 34, 45, blobs, budget, budget - memory.evaluation_bytes(
         st.net, "avg", 34, 45)) is None
-    assert tiling.run_bytes(st.net, 135, 135, 8) > budget  # the style image at --style-scale 3
+    assert memory.run_bytes(st.net, 135, 135, 8) > budget  # the style image at --style-scale 3
     result = st.stylize(content, [style], length=45, num_iters=2, style_scale=3.0,
-                        max_memory=budget / tiling.GB).run()
+                        max_memory=budget / memory.GB).run()
     assert result.iterations == 2 and result.report["tiling"] is None
 
 
@@ -292,8 +292,8 @@ def _tiny_run_and_its_need(tmp_path: Any) -> tuple[Any, np.ndarray, np.ndarray, 
     st = StyleTransfer(prototxt=str(proto), weights=str(model), style_layers="conv1,conv2", content_layers="conv3",
                        gpu=-1)
     content, style, _ = tiny_images()
-    kept = tiling.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
-    need = tiling.run_bytes(st.net, 34, 45, 8, kept) + tiling.evaluation_bytes(st.net, "avg", 34, 45)
+    kept = memory.blob_bytes(st.net, "avg", 34, 45, ["conv3"])
+    need = memory.run_bytes(st.net, 34, 45, 8, kept) + memory.evaluation_bytes(st.net, "avg", 34, 45)
     return st, content, style, need
 
 
@@ -303,13 +303,13 @@ def test_a_cap_counts_what_the_process_holds_already(tmp_path: Any, monkeypatch:
     the smallest workable cap named in the error includes them."""
     st, content, style, need = _tiny_run_and_its_need(tmp_path)
     held = 3 * need
-    monkeypatch.setattr(tiling, "resident_bytes", lambda: held)
+    monkeypatch.setattr(memory, "resident_bytes", lambda: held)
     options = dict(length=45, num_iters=1, style_scale=0.5)
-    assert st.stylize(content, [style], max_memory=(held + need) / tiling.GB, **options).costs()[0].tiles == 0
-    assert st.stylize(content, [style], max_memory=(held + 0.9 * need) / tiling.GB, **options).costs()[0].tiles > 0
+    assert st.stylize(content, [style], max_memory=(held + need) / memory.GB, **options).costs()[0].tiles == 0
+    assert st.stylize(content, [style], max_memory=(held + 0.9 * need) / memory.GB, **options).costs()[0].tiles > 0
     with pytest.raises(StyleTransferError, match=r"give --max-memory (\S+) or more$") as error:
-        st.stylize(content, [style], max_memory=need / tiling.GB, **options).costs()
-    assert float(str(error.value).split("--max-memory ")[-1].split()[0]) * tiling.GB > held
+        st.stylize(content, [style], max_memory=need / memory.GB, **options).costs()
+    assert float(str(error.value).split("--max-memory ")[-1].split()[0]) * memory.GB > held
 
 
 def test_later_scales_count_what_the_process_held_before_the_run(tmp_path: Any,
@@ -326,9 +326,9 @@ def test_later_scales_count_what_the_process_held_before_the_run(tmp_path: Any,
         readings.append(held + len(readings) * 4 * need)
         return readings[-1]
 
-    monkeypatch.setattr(tiling, "resident_bytes", resident)
+    monkeypatch.setattr(memory, "resident_bytes", resident)
     job = st.stylize(content, [style], length=45, min_length=32, scales=2, num_iters=4,
-                     max_memory=(held + 2 * need) / tiling.GB)
+                     max_memory=(held + 2 * need) / memory.GB)
     planned = [cost.tiles for cost in job.costs()]
     result = job.run()
     assert result.iterations == 4 and len(readings) == 1
