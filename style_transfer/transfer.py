@@ -147,7 +147,7 @@ class Stylization:
             if x is not None:  # not before a run's first scale: a video frame would pay for it every time
                 memory.release_free_memory()
             try:
-                objective, tiles, cost = self._targets(content, index)
+                objective, tiles, cost, style_plans = self._targets(content, index)
             except StyleTransferError as exc:
                 if x is None:
                     raise
@@ -160,7 +160,7 @@ class Stylization:
             else:
                 start = images.preprocess(images.resize_to(images.deprocess(x), h, w))
             del content
-            engine = st.fast_engine if cost.bf16 and st.fast_engine else st.engine
+            engine = self._engine(cost)
             self._precisions.append(engine.precision)
             evaluate = self._bound(engine, objective, tiles)
             # Only the optimiser's own float64 copies of the start and the bounds stay for the scale.
@@ -184,7 +184,9 @@ class Stylization:
                 break
         assert x is not None
         if evaluate is not None and self._precisions[-1] != st.engine.precision and stop_reason not in _CUT:
-            # A bf16 run's scores are the float32 objective's, as every other run's are.
+            # A bf16 run's scores are the float32 objective's, targets included, as every other run's are.
+            content = images.resize_long_side(self.content, self.plan[-1][0])
+            objective = self._objective(st.engine, content, len(self.plan) - 1, style_plans, tiles)
             evaluate, evaluation = self._bound(st.engine, objective, tiles), None
         if evaluation is None and evaluate is not None:
             try:
@@ -268,35 +270,20 @@ class Stylization:
         self._clock.tile_done(tile_pass, tile, tiles)
         self._tell(tile_pass, tile, tiles)
 
-    def _targets(self, content: np.ndarray,
-                 index: int) -> tuple[Objective, tiling.TilePlan | None, ScaleCost]:
-        """A scale's objective (the targets made by the engine, in its precision), its tiles and its cost."""
-        from style_transfer import tiling
-        from style_transfer.losses import Objective
-
+    def _targets(self, content: np.ndarray, index: int
+                 ) -> tuple[Objective, tiling.TilePlan | None, ScaleCost, list[tiling.TilePlan | None]]:
+        """A scale's objective, its tiles, its cost and its style images' tiles. The targets are made by the engine
+        the scale optimises on: a bf16 net's features carry their own rounding, which cancels against targets made
+        the same way and not against float32 ones (BENCHMARKS.md, "bf16 by default where it pays")."""
         st = self.transfer
         clock = self._clock
         assert clock is not None
         cost, style_plans, plan = self._scale(index)
         clock.start_scale(index, cost)
         self._tell()
-        style_length = round(self.plan[index][0] * self.options["style_scale"])
-        grams = []
-        for style, style_plan in zip(self.styles, style_plans, strict=True):
-            matched = match_colors(images.resize_long_side(style, style_length), content, self.options["color_match"])
-            grams.append(st.style_grams(matched) if style_plan is None else
-                         st.style_grams(matched, style_plan, self._tile))
-        x_content = images.preprocess(content)
-        content_feats = st.engine.features(x_content, list(st.content_weights)) if plan is None else \
-            tiling.tiled_features(st.engine, x_content, list(st.content_weights), plan, self._tile)
-        del x_content
+        objective = self._objective(self._engine(cost), content, index, style_plans, plan, self._tile)
         clock.targets_done()
         self._tell()
-        objective = Objective(
-            content_weights=st.content_weights, style_weights=st.style_weights, ratio=float(self.options["ratio"]),
-            content_targets=content_feats,
-            style_targets={layer: np.stack([g[layer] for g in grams]) for layer in st.style_weights},
-            style_blend=self.blend, tv_weight=self.options["tv_weight"], **self._temporal_fields(content))
         if plan is not None and objective.has_temporal:
             raise StyleTransferError("a video frame too large for memory cannot be tiled yet; lower -l/--length or "
                                      "raise --max-memory")
@@ -306,7 +293,33 @@ class Stylization:
             tile_h, tile_w = plan.tile_size
             self.notices.append(f"{w}x{h}: evaluated in {plan.count} tiles of up to {tile_w}x{tile_h} px "
                                 f"(halo {plan.halo} px)")
-        return objective, plan, cost
+        return objective, plan, cost, style_plans
+
+    def _engine(self, cost: ScaleCost) -> Engine:
+        st = self.transfer
+        return st.fast_engine if cost.bf16 and st.fast_engine else st.engine
+
+    def _objective(self, engine: Engine, content: np.ndarray, index: int, style_plans: list[tiling.TilePlan | None],
+                   plan: tiling.TilePlan | None, on_tile: tiling.OnTile | None = None) -> Objective:
+        """The objective of scale `index`, its targets made by `engine`, tile by tile where there are plans."""
+        from style_transfer import tiling
+        from style_transfer.losses import Objective
+
+        st = self.transfer
+        style_length = round(self.plan[index][0] * self.options["style_scale"])
+        grams = []
+        for style, style_plan in zip(self.styles, style_plans, strict=True):
+            matched = match_colors(images.resize_long_side(style, style_length), content, self.options["color_match"])
+            grams.append(st.style_grams(matched, style_plan, on_tile, engine=engine))
+        x_content = images.preprocess(content)
+        content_feats = engine.features(x_content, list(st.content_weights)) if plan is None else \
+            tiling.tiled_features(engine, x_content, list(st.content_weights), plan, on_tile)
+        del x_content
+        return Objective(
+            content_weights=st.content_weights, style_weights=st.style_weights, ratio=float(self.options["ratio"]),
+            content_targets=content_feats,
+            style_targets={layer: np.stack([g[layer] for g in grams]) for layer in st.style_weights},
+            style_blend=self.blend, tv_weight=self.options["tv_weight"], **self._temporal_fields(content))
 
     def _bound(self, engine: Engine, objective: Objective,
                plan: tiling.TilePlan | None) -> Callable[[np.ndarray], Evaluation]:
@@ -427,14 +440,16 @@ class StyleTransfer:
         return seconds
 
     def style_grams(self, style: np.ndarray, plan: tiling.TilePlan | None = None,
-                    on_tile: tiling.OnTile | None = None) -> dict[str, np.ndarray]:
-        """The Gram matrix of each style blob for an RGB style image; tile by tile when a plan is given."""
+                    on_tile: tiling.OnTile | None = None, *, engine: Engine | None = None) -> dict[str, np.ndarray]:
+        """The Gram matrix of each style blob for an RGB style image, by `engine` (default: the engine); tile by
+        tile when a plan is given."""
         from style_transfer import tiling
         from style_transfer.losses import gram_numpy
 
+        engine = engine or self.engine
         if plan is not None:
-            return tiling.tiled_grams(self.engine, images.preprocess(style), list(self.style_weights), plan, on_tile)
-        feats = self.engine.features(images.preprocess(style), list(self.style_weights))
+            return tiling.tiled_grams(engine, images.preprocess(style), list(self.style_weights), plan, on_tile)
+        feats = engine.features(images.preprocess(style), list(self.style_weights))
         return {k: gram_numpy(v) for k, v in feats.items()}
 
     def stylize(self, content: np.ndarray, styles: Sequence[np.ndarray], *, temporal: TemporalTarget | None = None,
