@@ -244,8 +244,8 @@ OPTIONS: tuple[Option, ...] = (
            whole(None)),
     Option("engine", ("--engine",), "network engine", "torch", scope="model", choices=ENGINES),
     Option("precision", ("--precision",), "torch engine arithmetic: fp32, or bf16/fp16 autocast convolutions "
-           "(Gram matrices, targets and scores in fp32); auto is bf16 on CPUs with AMX, where it reaches a given "
-           "loss about twice as soon, and fp32 elsewhere; fp16 is for GPUs only", "auto", scope="model",
+           "(Gram products in fp32); auto is bf16 on CPUs with AMX, where it reaches a given loss about twice as "
+           "soon and scores the result in fp32, and fp32 elsewhere; fp16 is for GPUs only", "auto", scope="model",
            choices=("auto", *PRECISIONS)),
     Option("lbfgs_memory", ("--lbfgs-memory",), "L-BFGS-B history size (scipy's maxcor)", 8, whole()),
     Option("tv_weight", ("--tv-weight",), "total-variation weight (on the 0-255 pixel scale)", 0.0, number()),

@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # tiling imports torch, which must load after style_transfer/
     from style_transfer.losses import Objective
 
 # `--precision auto` where bf16 has fast kernels (engines.fast_bf16): a scale whose evaluation takes at least this
-# many FLOPs optimises in bf16; its targets, and a finished run's scores, stay float32. The tiny nets of the tests
-# stay far below it; VGG at 64 px is above it (BENCHMARKS.md, "bf16 by default where it pays").
+# many FLOPs optimises in bf16, on targets the bf16 engine makes; a finished run is scored in float32. The tiny nets
+# of the tests stay far below it; VGG at 64 px is above it (BENCHMARKS.md, "bf16 by default where it pays").
 BF16_MIN_FLOP = 1e9
 # How a run ends other than by finishing its iterations (RunResult.stop_reason).
 _CUT = ("interrupted", "stopped", "nonfinite", "scale_failed")
