@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.tiling --lengths 512 1024 --modes tiled untiled --evaluations 3
     .venv/bin/python -m bench.tiling --dry-run                                           # the caps and estimates only
     .venv/bin/python -m bench.tiling --work                     # tiled over untiled FLOPs (plan.CostModel), no run
+    .venv/bin/python -m bench.tiling --turns 1024 --rounds 5    # tiled over untiled time, by turns in one process
     .venv/bin/python -m bench.tiling --render bench/results/tiling.json
 
 Each child does what style.py does for one scale of VGG16 (real weights, `--weights`) on Tübingen in the style of
@@ -266,6 +267,48 @@ def run_child(config: dict[str, Any], verbose: bool = False) -> tuple[dict[str, 
     return dict(json.loads(lines[-1])), peak
 
 
+# ----------------------------------------------------------------------------------------------- by turns
+
+
+def by_turns(length: int, rounds: int, weights: Path, content_path: Path = CONTENT, style_path: Path = STYLE
+             ) -> dict[str, Any]:
+    """Seconds per evaluation, untiled and tiled (the tiles the tiled row of the table gets at this size), taking
+    turns in one process, so that the ratio is not the difference between two children's moments on a shared
+    machine. The objective is a single-scale run's (bench/scales_equal_time.py); the losses must agree."""
+    import numpy as np
+
+    from bench.scales_equal_time import full_size_objective
+    from style_transfer import images, memory, tiling
+    from style_transfer.openmp import prefer_short_spin
+
+    prefer_short_spin([MODEL], "torch")
+    from style_transfer.transfer import StyleTransfer
+
+    st = StyleTransfer(MODEL, gpu=-1, weights=str(weights), precision="fp32")
+    content = images.resize_long_side(images.load_image(content_path), length)
+    untiled = full_size_objective(st, content, images.load_image(style_path), length)
+    h, w = content.shape[:2]
+    cap = estimates(length, content_path, style_path)["cap_gb"]
+    fixed = memory.run_bytes(st.net, h, w, 8, memory.blob_bytes(st.net, "avg", h, w, list(st.content_weights)))
+    plan = memory.choose_tiles(st.net, "avg", h, w, st.blobs, int(cap * GB), fixed)
+    if plan is None:
+        raise SystemExit(f"-l {length}: the whole image fits under {cap:g} GB; nothing to tile")
+    tiled = tiling.TiledEvaluator(st.engine, untiled.objective, plan)  # type: ignore[attr-defined]
+    x = images.preprocess(content)
+    times: dict[str, list[float]] = {"untiled": [], "tiled": []}
+    losses = {}
+    for turn in range(rounds + 1):  # the first round warms up both
+        for name, evaluator in (("untiled", untiled), ("tiled", tiled)):
+            started = time.perf_counter()
+            losses[name] = evaluator(x).loss
+            if turn:
+                times[name].append(time.perf_counter() - started)
+    medians = {k: float(np.median(v)) for k, v in times.items()}
+    return {"length": length, "size": [h, w], "tiles": plan.count, "tile": list(plan.tile_size), "cap_gb": cap,
+            "seconds": times, "median": medians, "ratio": medians["tiled"] / medians["untiled"],
+            "loss_difference": abs(losses["tiled"] - losses["untiled"]) / abs(losses["untiled"])}
+
+
 # ----------------------------------------------------------------------------------------------- the table
 
 
@@ -329,6 +372,9 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="print each size's estimates and caps and stop")
     ap.add_argument("--render", type=Path, metavar="JSON", help="print the table of a saved run and stop")
     ap.add_argument("--work", action="store_true", help="print tiled over untiled FLOPs per evaluation and stop")
+    ap.add_argument("--turns", type=int, metavar="LENGTH", help="time untiled and tiled evaluations at this -l by "
+                    "turns in this process, print the ratio and stop")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of --turns after a warm-up round")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
@@ -342,6 +388,9 @@ def main() -> None:
         return
     if args.work:
         print(work_table())
+        return
+    if args.turns:
+        print(json.dumps(by_turns(args.turns, args.rounds, args.weights, args.content, args.style)))
         return
     if args.dry_run:
         print(f"available now: {available_gb():.1f} GB")

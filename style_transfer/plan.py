@@ -162,13 +162,14 @@ class CostModel:
 
     def evaluation(self, height: int, width: int, tiles: Sequence[tuple[int, int]] | None = None) -> float:
         """One evaluation of the objective; `tiles` are the tiles' input sizes (height, width) when tiled: a
-        forward pass over every tile but the last, then a forward and backward one over every tile, and the Gram
-        terms once over the image."""
+        forward pass over every tile but the largest, then a forward and backward one over every tile, and the
+        Gram terms once over the image."""
         whole = self._work(height, width)
         if not tiles:
             return float(whole.total_flops)
-        convs = sum(4 * self._work(h, w).conv_forward_macs + 2 * self._work(h, w).conv_backward_macs
-                    for h, w in tiles) - 2 * self._work(*tiles[-1]).conv_forward_macs
+        forward = [self._work(h, w).conv_forward_macs for h, w in tiles]
+        convs = sum(4 * f + 2 * self._work(h, w).conv_backward_macs for f, (h, w) in zip(forward, tiles, strict=True))
+        convs -= 2 * max(forward)
         return float(convs + 2 * whole.gram_macs)
 
     def targets(self, content: tuple[int, int], content_tiles: Sequence[tuple[int, int]] | None,

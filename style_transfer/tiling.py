@@ -9,8 +9,8 @@ global, and the content term is local. So one evaluation takes two passes over t
 2. forward and backward each tile again, injecting the gradients of its interior positions only, and add the tile's
    input gradient into the full gradient.
 
-The last tile of pass 1 is the first of pass 2, forwarded once: its activations are kept while G is completed, which
-costs no memory beyond what pass 2 holds anyway, and saves one tile's forward pass per evaluation.
+The largest tile ends pass 1 and begins pass 2, forwarded once: its activations are kept while G is completed, which
+costs no memory beyond what pass 2 holds anyway, and saves the largest tile's forward pass per evaluation.
 
 A tile is a core (its share of the image) and a halo around it. Each blob position belongs to the one core holding
 its anchor (position j of a blob of stride S at input row j S); the halo is wide enough that every input position a
@@ -55,6 +55,10 @@ class Tile:
 
     def crop(self, image: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(image[:, self.rows.start:self.rows.end, self.cols.start:self.cols.end])
+
+    @property
+    def pixels(self) -> int:
+        return (self.rows.end - self.rows.start) * (self.cols.end - self.cols.start)
 
 
 @dataclass(frozen=True)
@@ -221,8 +225,10 @@ class TiledEvaluator(Evaluator):
             raise ValueError(f"the tile plan is for {plan.height} x {plan.width}, got {image.shape}")
         grams = {b: torch.zeros((plan.shapes[b][1],) * 2, dtype=torch.float64) for b in obj.style_weights}
         content = dict.fromkeys(obj.content_weights, 0.0)
-        *first, last = plan.tiles
-        # Pass 1 over every tile but the last: the Gram matrices and the content terms.
+        tiles = list(plan.tiles)
+        last = tiles.pop(max(range(len(tiles)), key=lambda i: tiles[i].pixels))
+        first = tiles
+        # Pass 1 over every tile but the largest: the Gram matrices and the content terms.
         for k, tile in enumerate(first, 1):
             feats = engine.features(tile.crop(image), self.blobs)
             self._accumulate(tile, {b: torch.from_numpy(v) for b, v in feats.items()}, grams, content)
@@ -232,8 +238,8 @@ class TiledEvaluator(Evaluator):
         weights: dict[str, torch.Tensor] = {}
 
         def finish_pass_1(feats: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-            # The last tile's forward pass ends pass 1 and begins pass 2: once its terms are in, G is whole, and
-            # the same forward pass is backpropagated, which saves one tile's forward pass per evaluation.
+            # The largest tile's forward pass ends pass 1 and begins pass 2: once its terms are in, G is whole,
+            # and the same forward pass is backpropagated, which saves that tile's forward pass per evaluation.
             self._accumulate(last, {b: _float(v[0]) for b, v in feats.items()}, grams, content)
             for b in grams:
                 s = style_scale(plan.shapes[b][1:]) * obj.ratio * obj.style_weights[b]
@@ -243,7 +249,7 @@ class TiledEvaluator(Evaluator):
             on_tile(1, plan.count, plan.count)
             return self._feature_grads(last, feats, weights)
 
-        # Pass 2: each tile's interior feature gradients back to its input, the last tile first.
+        # Pass 2: each tile's interior feature gradients back to its input, the largest tile first.
         grad: np.ndarray | None = None
         for k, tile in enumerate([last, *first], 1):
             _terms, _value, tile_grad = engine.vjp(

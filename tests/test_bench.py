@@ -371,9 +371,10 @@ def test_tiling_bench_estimates_and_table(tmp_path: Path) -> None:
     assert "skipped: estimated 84.1 GB" in table[4] and "killed by signal 9" in table[5] and "11.90" in table[5]
 
 
-def test_tiling_work_table_lies_between_the_halo_free_bound_and_the_old_two_full_passes() -> None:
-    """bench/tiling.py --work: N tiles cost N - 1 forward passes and N forward-and-backward ones, so with halos the
-    ratio is above 1.5 - 1/(2N) (no halos) and below what two full passes over the same tiles cost."""
+def test_tiling_work_table_is_above_untiled_and_grows_with_the_tiles() -> None:
+    """bench/tiling.py --work: every tile is forwarded and backpropagated once and all but the largest forwarded once
+    more, so a tiled evaluation costs more than an untiled one, more with every tile (more halo), and two tiles at
+    1024 px can meet the issue's 1.5x."""
     from bench import tiling as bench_tiling
 
     table = bench_tiling.work_table().splitlines()
@@ -382,6 +383,6 @@ def test_tiling_work_table_lies_between_the_halo_free_bound_and_the_old_two_full
     for line in table[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")[1:]]
         values = {n: float(c) for n, c in zip(counts, cells, strict=True) if c}
-        assert values and all(1.5 - 1 / (2 * n) < v < 3.0 for n, v in values.items()), line
+        assert values and all(1.0 < v < 3.0 for v in values.values()), line
         assert list(values.values()) == sorted(values.values()), line  # more tiles, more halo
-    assert table[2].split("|")[2].strip() == "1.50"  # 1024 x 768 in two tiles: the cost bench/tiling.py measures
+    assert float(table[2].split("|")[2]) < 1.5  # 1024 x 768 in two tiles

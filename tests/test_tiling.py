@@ -149,9 +149,9 @@ def test_float64_tiling_is_exact_to_rounding() -> None:
     assert rel(got.grad, want.grad) < 1e-10
 
 
-def test_the_last_tile_of_pass_1_is_forwarded_once_for_both_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """N tiles cost N - 1 forward passes and N forward-and-backward ones, with the result unchanged, and progress
-    still counts both passes to their end."""
+def test_the_largest_tile_is_forwarded_once_for_both_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """N tiles cost N - 1 forward passes, none of them the largest tile's, and N forward-and-backward ones, with the
+    result unchanged, and progress still counts both passes to their end."""
     style_layers, content_layers, h, w, core = CASES["tiny"]
     net = random_net("tiny", [*style_layers, *content_layers])
     engine = make_engine("torch", net, "max")
@@ -162,12 +162,17 @@ def test_the_last_tile_of_pass_1_is_forwarded_once_for_both_passes(monkeypatch: 
                           engine.features(content, content_layers), {k: grams[k][None] for k in style_layers})
     plan = tiling.plan_tiles(net, "max", h, w, objective.layers, (core, core))
     calls: list[str] = []
+    forwarded: list[int] = []
     for method in ("features", "vjp"):
         original = getattr(engine, method)
         monkeypatch.setattr(engine, method, lambda *a, _f=original, _m=method, **k: calls.append(_m) or _f(*a, **k))
+    features = engine.features
+    monkeypatch.setattr(engine, "features", lambda image, *a: forwarded.append(image[0].size) or features(image, *a))
     ticks: list[tuple[int, int, int]] = []
     got = tiling.TiledEvaluator(engine, objective, plan, lambda *t: ticks.append(t))(x)
     assert calls.count("features") == plan.count - 1 and calls.count("vjp") == plan.count
+    sizes = [h * w for h, w in plan.tile_sizes()]
+    assert len(set(sizes)) > 1 and sorted(forwarded) == sorted(sizes)[:-1]  # every tile but the largest
     assert ticks == [(1, k, plan.count) for k in range(1, plan.count + 1)] + \
         [(2, k, plan.count) for k in range(1, plan.count + 1)]
     want = engine.bind(objective)(x)
